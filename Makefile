@@ -1,0 +1,40 @@
+# One-command entry points. `make run` and `make test` work on a fresh machine
+# with only Python 3.11+: they create .venv and install pinned versions.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: setup run test test-slow lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)  ## the main job: running-average regression on generated data
+	$(PY) train.py --task=running_average $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+test: lint  ## lint + the fast test suite
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+test-slow: $(STAMP)  ## long tests (targets, end-to-end studies)
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/recurrent_layers.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""What makes one run: typed configs, the workdir, metric writers, error kinds."""

@@ -1,0 +1,230 @@
+"""Typed, validated experiment configs and their `--key=value` command line.
+
+Every task declares one frozen dataclass deriving from `Config`. Fields are
+declared with `option(...)`, which records a help text and bounds; the field's
+type annotation decides parsing (bool, int, float, str, `Literal[...]` choices,
+`tuple[int, ...]` as comma-separated values, `X | None`). Validation runs on
+construction, so an invalid config cannot exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+from experiment.errors import UsageError
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    gt: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A config field with a help text and optional bounds (inclusive min/max, strict gt/lt)."""
+    bounds = {"min": min, "max": max, "gt": gt, "lt": lt}
+    metadata = {"help": help, **{k: v for k, v in bounds.items() if v is not None}}
+    if isinstance(default, list | dict | set):
+        raise TypeError("use a tuple for sequence defaults (configs are immutable)")
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Base of every task config: validated on construction."""
+
+    seed: int = option(0, "random seed (initialisation, data order, corruption)", min=0)
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            _check_field(field, getattr(self, field.name), _field_type(type(self), field.name))
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field rules; raise `UsageError` naming the bad value."""
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    """(T, True) for `T | None`, else (tp, False)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def type_name(tp: Any) -> str:
+    """Human-readable type for help texts and errors."""
+    base, optional = _strip_optional(tp)
+    if typing.get_origin(base) is Literal:
+        name = "{" + ",".join(str(a) for a in typing.get_args(base)) + "}"
+    elif typing.get_origin(base) is tuple:
+        name = f"comma-separated {typing.get_args(base)[0].__name__}s"
+    else:
+        name = base.__name__
+    return f"{name} or none" if optional else name
+
+
+def _check_field(field: dataclasses.Field, value: Any, tp: Any) -> None:
+    base, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return
+        raise UsageError(f"--{field.name} is required (expected {type_name(tp)})")
+    if typing.get_origin(base) is Literal and value not in typing.get_args(base):
+        raise UsageError(
+            f"--{field.name}={value!r} is not accepted; choose one of "
+            + ", ".join(str(a) for a in typing.get_args(base))
+        )
+    values = value if isinstance(value, tuple) else (value,)
+    meta = field.metadata
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        if v != v:  # NaN passes no bound
+            raise UsageError(f"--{field.name}={value}: must be a finite number")
+        if "min" in meta and v < meta["min"]:
+            raise UsageError(f"--{field.name}={value}: must be >= {meta['min']}")
+        if "max" in meta and v > meta["max"]:
+            raise UsageError(f"--{field.name}={value}: must be <= {meta['max']}")
+        if "gt" in meta and not v > meta["gt"]:
+            raise UsageError(f"--{field.name}={value}: must be > {meta['gt']}")
+        if "lt" in meta and not v < meta["lt"]:
+            raise UsageError(f"--{field.name}={value}: must be < {meta['lt']}")
+
+
+def parse_value(name: str, tp: Any, text: str) -> Any:
+    """Parse one command-line string into the field's type, or raise `UsageError`."""
+    base, optional = _strip_optional(tp)
+    if optional and text.strip().lower() in {"none", "null", ""}:
+        return None
+    try:
+        return _parse_base(base, text)
+    except ValueError:
+        raise UsageError(f"--{name}={text!r}: expected {type_name(tp)}") from None
+
+
+def _parse_base(tp: Any, text: str) -> Any:
+    text = text.strip()
+    if tp is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ValueError(text)
+    if tp is int:
+        number = float(text)  # accepts 1e3 as well as 1000
+        if not number.is_integer():
+            raise ValueError(text)
+        return int(number)
+    if tp is float:
+        return float(text)
+    if tp is str:
+        return text
+    if typing.get_origin(tp) is Literal:
+        choices = typing.get_args(tp)
+        by_text = {str(c): c for c in choices}
+        return by_text.get(text, text)  # membership is checked on construction
+    if typing.get_origin(tp) is tuple:
+        item_type = typing.get_args(tp)[0]
+        parts = [p for p in text.replace(" ", "").strip("[]()").split(",") if p]
+        return tuple(_parse_base(item_type, p) for p in parts)
+    raise TypeError(f"unsupported config field type {tp!r}")
+
+
+def tokenize(argv: Iterable[str]) -> dict[str, str | None]:
+    """Turn `--key=value`, `--key value` and bare `--flag` into {key: text or None}.
+
+    Dashes in keys are read as underscores (`--hidden-size` == `--hidden_size`).
+    """
+    argv = list(argv)
+    options: dict[str, str | None] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--") or token == "--":
+            raise UsageError(f"unexpected argument {token!r}; options look like --key=value")
+        key, has_value, value = token[2:].partition("=")
+        key = key.replace("-", "_")
+        if not has_value:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is not None and not nxt.startswith("--"):
+                value, has_value = nxt, True
+                i += 1
+        if key in options:
+            raise UsageError(f"--{key} was given twice")
+        options[key] = value if has_value else None
+        i += 1
+    return options
+
+
+def suggest(name: str, candidates: Iterable[str]) -> str:
+    """' (did you mean --x?)' for the closest candidate, or ''."""
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean --{close[0]}?)" if close else ""
+
+
+def build_config(
+    cls: type[Config], raw: Mapping[str, str | None], also_known: Iterable[str] = ()
+) -> Config:
+    """Build a validated config from tokenized options; unknown keys raise with a suggestion.
+
+    `also_known`: other option names (handled elsewhere) to consider for suggestions.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, text in raw.items():
+        if key not in fields:
+            hint = suggest(key, [*fields, *also_known])
+            raise UsageError(f"unknown option --{key}{hint}; see --help")
+        tp = _field_type(cls, key)
+        if text is None:
+            if _strip_optional(tp)[0] is not bool:
+                raise UsageError(f"--{key} needs a value ({type_name(tp)})")
+            text = "true"
+        values[key] = parse_value(key, tp, text)
+    return cls(**values)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """JSON-ready dict of a config (tuples become lists)."""
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
+    }
+
+
+def from_dict(cls: type[Config], data: Mapping[str, Any]) -> Config:
+    """Rebuild a config saved with `to_dict` (unknown keys are an error)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UsageError(f"saved config has options this version does not know: {unknown}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**values)
+
+
+def config_help(cls: type[Config]) -> str:
+    """One line per option: name, type, default, help."""
+    lines = []
+    for field in dataclasses.fields(cls):
+        tp = type_name(_field_type(cls, field.name))
+        default = field.default
+        if isinstance(default, tuple):
+            default = ",".join(str(d) for d in default)
+        lines.append(f"  --{field.name}={tp}  (default: {default})")
+        lines.append(f"      {field.metadata.get('help', '')}")
+    return "\n".join(lines)

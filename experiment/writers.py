@@ -1,0 +1,156 @@
+"""Where a run's metrics go: TensorBoard event files and Weights & Biases.
+
+TensorBoard events are written with tensorboardX (no TensorFlow) straight into
+the workdir, so `tensorboard --logdir runs/` shows every run by its path. The
+run's config is written as HParams in the same event stream, so runs can be
+filtered and sorted by configuration in the HParams dashboard.
+
+W&B is imported lazily. Modes: `online`, `offline` (files under
+WORKDIR/wandb for a later `wandb sync`), `disabled`. When the `--wandb` option
+is not given, the mode is $WANDB_MODE if set, `online` under `wandb agent`
+(which sets $WANDB_SWEEP_ID), else `offline`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from experiment.errors import UsageError
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def default_wandb_mode() -> str:
+    """$WANDB_MODE, else online under a sweep agent, else offline."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode in WANDB_MODES:
+        return mode
+    if mode == "dryrun":
+        return "offline"
+    return "online" if os.environ.get("WANDB_SWEEP_ID") else "offline"
+
+
+def _hparam_value(value: Any) -> Any:
+    """TensorBoard HParams accept numbers, strings and booleans only."""
+    if isinstance(value, bool | int | float | str):
+        return value
+    return "none" if value is None else ",".join(str(v) for v in value)
+
+
+def _finite_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+class TensorBoardWriter:
+    """Scalars, images and hparams into WORKDIR/events.out.tfevents.*."""
+
+    def __init__(self, logdir: Path):
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(logdir=str(logdir), flush_secs=10)
+
+    def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
+        for key, value in _finite_scalars(metrics).items():
+            self._writer.add_scalar(key, value, step)
+
+    def image(self, name: str, png: Path, step: int) -> None:
+        import matplotlib.image
+
+        pixels = matplotlib.image.imread(str(png))[..., :3]
+        self._writer.add_image(name, pixels, step, dataformats="HWC")
+
+    def hparams(self, config: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
+        """Config + final metrics in this run's own event stream (HParams dashboard)."""
+        from tensorboardX.summary import hparams
+
+        metrics = {f"hparam/{k}": v for k, v in _finite_scalars(summary).items()}
+        exp, ssi, sei = hparams({k: _hparam_value(v) for k, v in config.items()}, metrics)
+        for proto in (exp, ssi, sei):
+            self._writer.file_writer.add_summary(proto)
+        for key, value in metrics.items():
+            self._writer.add_scalar(key, value, 0)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class WandbWriter:
+    """A W&B run whose files live in WORKDIR/wandb."""
+
+    def __init__(self, mode: str, workdir: Path, task: str, config: Mapping[str, Any]):
+        try:
+            import wandb
+        except ImportError:
+            if mode == "online":
+                raise UsageError(
+                    "--wandb=online needs the wandb package: pip install wandb"
+                ) from None
+            print("note: wandb is not installed; W&B logging is off", file=sys.stderr)
+            self._run = None
+            return
+        self._wandb = wandb
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "rnnae"),
+                dir=str(workdir),
+                mode=mode,
+                name=os.environ.get("WANDB_NAME") or f"{task}-{workdir.name}",
+                group=task,
+                job_type=task,
+                config=dict(config, task=task),
+                settings=wandb.Settings(silent=True, disable_git=True),
+            )
+
+    def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
+        if self._run is not None:
+            self._run.log(_finite_scalars(metrics), step=step)
+
+    def image(self, name: str, png: Path, step: int) -> None:
+        if self._run is not None:
+            self._run.log({name: self._wandb.Image(str(png))}, step=step)
+
+    def hparams(self, config: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
+        if self._run is not None:
+            self._run.summary.update(dict(summary))
+
+    def close(self) -> None:
+        if self._run is not None:
+            self._run.finish()
+
+
+class MetricWriters:
+    """Fans metrics out to every enabled writer, tracking the last step seen."""
+
+    def __init__(self, writers: list):
+        self._writers = writers
+        self.last_step = 0
+
+    def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.last_step = max(self.last_step, step)
+        for w in self._writers:
+            w.scalars(step, metrics)
+
+    def image(self, name: str, png: Path, step: int | None = None) -> None:
+        for w in self._writers:
+            w.image(name, png, self.last_step if step is None else step)
+
+    def hparams(self, config: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
+        for w in self._writers:
+            w.hparams(config, summary)
+
+    def close(self) -> None:
+        for w in self._writers:
+            w.close()

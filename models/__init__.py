@@ -1,0 +1,1 @@
+"""Flax modules only: recurrent layers, autoencoders, heads. No data, no training."""

@@ -1,0 +1,29 @@
+"""Experiments, one module per task; `--task=NAME` picks one from this registry.
+
+Every task module exposes `Config` (a frozen dataclass of its options) and
+`run(cfg, run) -> dict`, which performs the experiment, writes its plots through
+`run` and returns the flat summary that becomes `summary.json`. Tasks that
+train call `training.loop.fit`; none re-implements the loop.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from experiment.config import suggest
+from experiment.errors import UsageError
+
+TASKS: dict[str, str] = {
+    "running_average": "RNN / LSTM / stacked regression of the running mean (all steps or last step)",
+}
+
+
+def load(name: str) -> ModuleType:
+    """The task module for `name`, or a UsageError listing the tasks."""
+    if name not in TASKS:
+        raise UsageError(
+            f"unknown task {name!r}{suggest(name, TASKS).replace('--', '--task=')}; "
+            f"available: {', '.join(TASKS)}"
+        )
+    return importlib.import_module(f"tasks.{name}")

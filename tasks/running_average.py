@@ -1,0 +1,166 @@
+"""Running-average regression with a vanilla RNN, LSTM or stacked RNN.
+
+x ~ N(0, 1) of shape (N, T, 1); the target at every step is the mean of the
+inputs so far, y_t = mean(x_1..x_t). Task 1 (`last_step_only=false`) averages
+the squared error over all steps; Task 2 (`last_step_only=true`) uses only the
+final step, so the model gets no signal about the intermediate means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from data.running_average import make_running_average
+from experiment.config import option
+from experiment.run import Run
+from models.recurrent import SequenceRegressor
+from training.config import TrainConfig
+from training.loop import FitResult, Problem, fit
+from training.summary import replica_summary
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(TrainConfig):
+    cell: Literal["rnn", "lstm", "gru"] = option("rnn", "recurrent cell")
+    num_layers: int = option(1, "stacked recurrent layers", min=1)
+    hidden_size: int = option(32, "hidden units per layer", min=1)
+    activation: Literal["tanh", "relu", "identity"] = option("tanh", "RNN activation")
+    last_step_only: bool = option(False, "loss on the final step only (else mean over all steps)")
+    seq_len: int = option(16, "sequence length T", min=1)
+    num_train: int = option(10_000, "training sequences", min=1)
+    num_eval: int = option(2_000, "held-out sequences", min=1)
+    data_seed: int = option(1234, "seed of the generated train/eval sequences", min=0)
+    init: Literal["uniform", "orthogonal"] = option(
+        "uniform", "uniform: PyTorch-style U(+-1/sqrt(H)); orthogonal: Flax's default"
+    )
+    impl: Literal["fused", "scan"] = option(
+        "fused", "fused: scan with a hand-written backward pass; scan: JAX autodiff"
+    )
+    hoist_input: bool = option(False, "project all inputs in one matmul before the scan")
+    # Training defaults chosen so the targets are met (see BENCHMARKS.md / README).
+    steps: int = option(3000, "optimizer steps", min=1)
+    learning_rate: float = option(1e-2, "peak learning rate", gt=0)
+    lr_schedule: Literal["constant", "cosine"] = option("cosine", "learning-rate schedule")
+    eval_every: int = option(500, "steps between evaluations", min=1)
+
+
+def make_model(cfg: Config, rngs: nnx.Rngs) -> SequenceRegressor:
+    return SequenceRegressor(
+        1,
+        cfg.hidden_size,
+        1,
+        cfg.num_layers,
+        cell=cfg.cell,
+        activation=cfg.activation,
+        init=cfg.init,
+        impl=cfg.impl,
+        hoist_input=cfg.hoist_input,
+        rngs=rngs,
+    )
+
+
+def squared_errors(model, batch) -> jax.Array:
+    """(B, T) squared error of every step's prediction."""
+    return jnp.square(model(batch["x"]) - batch["y"])[..., 0]
+
+
+def objective(errors_BxT: jax.Array, last_step_only: bool) -> jax.Array:
+    return errors_BxT[:, -1].mean() if last_step_only else errors_BxT.mean()
+
+
+def make_problem(cfg: Config) -> Problem:
+    train = make_running_average(cfg.num_train, cfg.seq_len, seed=cfg.data_seed)
+    held_out = make_running_average(cfg.num_eval, cfg.seq_len, seed=cfg.data_seed + 1)
+
+    def loss_fn(model, batch, key):
+        del key
+        return objective(squared_errors(model, batch), cfg.last_step_only), {}
+
+    def eval_fn(model, data):
+        errors = squared_errors(model, data)
+        return {
+            "loss": objective(errors, cfg.last_step_only),
+            "mse_all_steps": errors.mean(),
+            "mse_last_step": errors[:, -1].mean(),
+        }
+
+    return Problem(
+        make_model=lambda rngs: make_model(cfg, rngs),
+        loss_fn=loss_fn,
+        train_data=train,
+        eval_data=held_out,
+        eval_fn=eval_fn,
+    )
+
+
+def run(cfg: Config, run: Run) -> dict:
+    problem = make_problem(cfg)
+    result = fit(cfg, problem, run)
+    train_metrics = result.evaluate(problem.train_data)
+    eval_metrics = result.evaluate(problem.eval_data)
+    summary = {
+        **replica_summary({"loss": train_metrics["loss"]}, "train_"),
+        **replica_summary(eval_metrics, "eval_"),
+        **{k: v for k, v in result.stats.items()},
+        "num_params": count_params(result),
+    }
+    plot_results(cfg, run, result, problem.eval_data)
+    return summary
+
+
+def count_params(result: FitResult) -> int:
+    sizes = [leaf.size for leaf in jax.tree.leaves(result.params)]
+    return int(sum(sizes) // result.num_seeds)
+
+
+def plot_results(cfg: Config, run: Run, result: FitResult, held_out: dict) -> None:
+    """predictions.png (three held-out sequences), error_by_step.png, eval_curve.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model = result.model(0 if result.num_seeds > 1 else None)
+    x, y = held_out["x"][:3], held_out["y"][:3]
+    pred = np.asarray(model(jnp.asarray(x)))
+    t = np.arange(1, cfg.seq_len + 1)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), sharey=True)
+    for i, ax in enumerate(axes):
+        ax.plot(t, x[i, :, 0], ".", color="0.7", label="input x_t")
+        ax.plot(t, y[i, :, 0], "-", color="k", label="running mean")
+        ax.plot(t, pred[i, :, 0], "--", color="C1", label="prediction")
+        ax.set_xlabel("t")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{describe(cfg)}: held-out sequences")
+    run.save_figure(fig, "predictions")
+
+    errors = np.asarray(squared_errors(model, {k: jnp.asarray(v) for k, v in held_out.items()}))
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.semilogy(t, errors.mean(axis=0), "o-")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("held-out MSE")
+    ax.set_title(describe(cfg))
+    run.save_figure(fig, "error_by_step")
+
+    if result.history:
+        steps = [h["step"] for h in result.history]
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for key in ("mse_all_steps", "mse_last_step"):
+            values = np.asarray([h[key] for h in result.history], dtype=float)
+            ax.semilogy(steps, values.reshape(len(steps), -1), label=key)
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out MSE")
+        ax.legend(fontsize=8)
+        run.save_figure(fig, "eval_curve")
+
+
+def describe(cfg: Config) -> str:
+    loss = "last-step loss" if cfg.last_step_only else "all-steps loss"
+    act = f" {cfg.activation}" if cfg.cell == "rnn" else ""
+    return f"{cfg.num_layers}-layer {cfg.cell.upper()}{act}, {loss}"

@@ -1,0 +1,406 @@
+"""The one training loop every task uses.
+
+A task describes its experiment as a `Problem` (model factory, loss, data,
+evaluation); `fit` trains it:
+
+* The whole training set lives on the device. Each step's batch indices come
+  from a host-side sampler that depends only on (seed, step), so a resumed run
+  sees exactly the batches an uninterrupted run would.
+* `steps_per_call` train steps run inside one jitted `lax.scan` (metrics come
+  back stacked); state buffers are donated.
+* `num_seeds` replicas (seeds seed..seed+S-1) train in the same program, with
+  `jax.vmap` over parameters and optimizer state.
+* NaN guard: a step whose loss or gradient is not finite leaves the state
+  untouched and records its step number; every later step is skipped. The host
+  checks the flag before logging, evaluating and checkpointing, so no
+  non-finite checkpoint is ever written, and stops with `RunFailed`.
+* Checkpoints (orbax) every `checkpoint_every` steps and at the end; a workdir
+  with checkpoints resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from experiment.errors import RunFailed, UsageError
+from experiment.run import Run
+from training.checkpoints import Checkpoints
+from training.config import TrainConfig
+from training.optim import make_optimizer
+from training.progress import Progress
+from training.sampling import EpochSampler
+
+
+def take_rows(data: Any, idx: jax.Array) -> Any:
+    """The default batch: rows `idx` of every array in the dataset pytree."""
+    return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """What a task hands the trainer."""
+
+    make_model: Callable[[nnx.Rngs], nnx.Module]
+    # loss_fn(model, batch, key) -> (scalar loss, dict of scalar metrics)
+    loss_fn: Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+    train_data: Any  # pytree of arrays with a leading example axis
+    eval_data: Any = None
+    # eval_fn(model, data) -> dict of scalar metrics (pure; jitted by the trainer)
+    eval_fn: Callable[[nnx.Module, Any], dict[str, jax.Array]] | None = None
+    batch_fn: Callable[[Any, jax.Array], Any] = take_rows
+    select_metric: str | None = None  # eval metric that picks the best parameters
+    select_mode: Literal["max", "min"] = "max"
+    patience: int = 0  # evaluations without improvement before stopping early (0: never)
+    divergence_hint: str = ""
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: steps taken
+    params: Any  # nnx.State of the model
+    opt_state: Any
+    key: jax.Array  # raw uint32 PRNG key data; per-step keys are fold_in(key, step)
+    bad_step: jax.Array  # int32: first step with a non-finite loss/gradient, -1 if none
+
+
+@dataclasses.dataclass
+class FitResult:
+    """Trained parameters and what the loop measured."""
+
+    graphdef: Any
+    params: Any  # final params, or best-by-select_metric when the problem selects
+    num_seeds: int
+    history: list[dict[str, Any]]
+    stats: dict[str, float]
+    eval_fn: Callable[[Any, Any], dict[str, jax.Array]] | None = None
+
+    def model(self, replica: int | None = None) -> nnx.Module:
+        """The trained model (one replica's, when several were trained)."""
+        params = self.params
+        if replica is not None:
+            params = jax.tree.map(lambda a: a[replica], params)
+        elif self.num_seeds > 1:
+            raise ValueError("several replicas were trained: pass replica=")
+        return nnx.merge(self.graphdef, params)
+
+    def evaluate(self, data: Any, max_rows: int = 4096) -> dict[str, np.ndarray]:
+        """Eval metrics on `data`, in chunks of at most `max_rows` examples.
+
+        eval_fn metrics must be means over examples (chunks are combined weighted by
+        size). Values have shape (num_seeds,) when replicated, else are scalars.
+        """
+        n = jax.tree.leaves(data)[0].shape[0]
+        totals: dict[str, np.ndarray] = {}
+        for start in range(0, n, max_rows):
+            part = jax.tree.map(lambda a: a[start : start + max_rows], data)
+            rows = min(max_rows, n - start)
+            for k, v in self.eval_fn(self.params, part).items():
+                totals[k] = totals.get(k, 0.0) + np.asarray(v, dtype=np.float64) * rows
+        return {k: v / n for k, v in totals.items()}
+
+
+def default_steps_per_call(backend: str | None = None) -> int:
+    """Train steps per jitted call when not set: chosen per backend from BENCHMARKS.md."""
+    backend = backend or jax.default_backend()
+    return {"cpu": 8}.get(backend, 32)
+
+
+def _base_key(seed: int) -> jax.Array:
+    """Raw key data for per-step randomness (distinct from the init stream)."""
+    return jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 0x5EED))
+
+
+def _init_params(make_model, seed):
+    return nnx.split(make_model(nnx.Rngs(jax.random.key(seed))))[1]
+
+
+def init_train_state(problem: Problem, tx, cfg: TrainConfig) -> tuple[Any, TrainState]:
+    """(graphdef, initial state); with num_seeds > 1 every leaf gets a leading replica axis."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: problem.make_model(nnx.Rngs(cfg.seed))))
+    seeds = jnp.arange(cfg.seed, cfg.seed + cfg.num_seeds)
+    init = functools.partial(_init_params, problem.make_model)
+
+    def one(seed):
+        params = init(seed)
+        return TrainState(
+            jnp.int32(0), params, tx.init(params), _base_key(seed), jnp.int32(-1)
+        )
+
+    if cfg.num_seeds == 1:
+        return graphdef, jax.jit(one)(seeds[0])
+    return graphdef, jax.jit(jax.vmap(one))(seeds)
+
+
+def make_train_step(graphdef, problem: Problem, tx):
+    """One optimizer step with the NaN guard; pure, for use inside scan/vmap/jit."""
+
+    def train_step(state: TrainState, data, idx_B):
+        batch = problem.batch_fn(data, idx_B)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+
+        def objective(params):
+            return problem.loss_fn(nnx.merge(graphdef, params), batch, key)
+
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.bad_step < 0)
+
+        def keep_if_ok(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+        bad_step = jnp.where(ok | (state.bad_step >= 0), state.bad_step, state.step)
+        new_state = TrainState(
+            state.step + 1,
+            keep_if_ok(params, state.params),
+            keep_if_ok(opt_state, state.opt_state),
+            state.key,
+            bad_step,
+        )
+        metrics = dict(aux, loss=loss, grad_norm=grad_norm, update_norm=optax.global_norm(updates))
+        return new_state, metrics
+
+    return train_step
+
+
+def make_chunk(train_step, replicated: bool):
+    """K train steps in one `lax.scan`; vmapped over replicas when there are several."""
+
+    def chunk(state, data, idx_KxB):
+        return jax.lax.scan(lambda s, idx: train_step(s, data, idx), state, idx_KxB)
+
+    if replicated:
+        chunk = jax.vmap(chunk, in_axes=(0, None, 0))
+    return jax.jit(chunk, donate_argnums=(0,))
+
+
+def make_evaluator(graphdef, eval_fn, replicated: bool):
+    """Jitted eval_fn(params, data), vmapped over replicas when there are several."""
+    if eval_fn is None:
+        return None
+
+    def evaluate(params, data):
+        return eval_fn(nnx.merge(graphdef, params), data)
+
+    if replicated:
+        evaluate = jax.vmap(evaluate, in_axes=(0, None))
+    return jax.jit(evaluate)
+
+
+class _Selector:
+    """Best parameters so far by an eval metric, per replica, kept on the device."""
+
+    def __init__(self, problem: Problem, params, num_seeds: int):
+        self.metric, self.mode, self.patience = problem.select_metric, problem.select_mode, problem.patience
+        shape = (num_seeds,) if num_seeds > 1 else ()
+        worst = -np.inf if self.mode == "max" else np.inf
+        self.best_value = np.full(shape, worst)
+        self.best_step = np.zeros(shape, np.int64)
+        self.evals_since = np.zeros(shape, np.int64)
+        self.best_params = jax.tree.map(jnp.copy, params)
+
+    def update(self, step: int, metrics: dict[str, np.ndarray], params) -> None:
+        value = np.asarray(metrics[self.metric])
+        better = value > self.best_value if self.mode == "max" else value < self.best_value
+        self.best_value = np.where(better, value, self.best_value)
+        self.best_step = np.where(better, step, self.best_step)
+        self.evals_since = np.where(better, 0, self.evals_since + 1)
+        mask = jnp.asarray(better)
+
+        def pick(new, old):
+            m = mask.reshape(mask.shape + (1,) * (new.ndim - mask.ndim))
+            return jnp.where(m, new, old)
+
+        self.best_params = jax.tree.map(pick, params, self.best_params)
+
+    def should_stop(self) -> bool:
+        return self.patience > 0 and bool(np.all(self.evals_since >= self.patience))
+
+    def state_dict(self) -> dict:
+        return dict(
+            params=self.best_params,
+            value=jnp.asarray(self.best_value),
+            step=jnp.asarray(self.best_step),
+            evals_since=jnp.asarray(self.evals_since),
+        )
+
+    def load(self, saved: dict) -> None:
+        self.best_params = saved["params"]
+        self.best_value = np.asarray(saved["value"])
+        self.best_step = np.asarray(saved["step"])
+        self.evals_since = np.asarray(saved["evals_since"])
+
+
+def _crossed(before: int, after: int, every: int) -> bool:
+    return after // every > before // every
+
+
+def _host_metrics(pending: list[dict]) -> dict[str, np.ndarray]:
+    """Mean over the pending chunks' steps, per replica: {name: (S,) or ()}."""
+    stacked = {k: np.concatenate([np.asarray(m[k]) for m in pending], axis=-1) for k in pending[0]}
+    return {k: v.mean(axis=-1) for k, v in stacked.items()}
+
+
+def _scalar_view(metrics: dict[str, np.ndarray], prefix: str) -> dict[str, float]:
+    """Flat scalars for logging: the replica mean, plus one curve per replica."""
+    out = {}
+    for k, v in metrics.items():
+        v = np.asarray(v, dtype=np.float64)
+        out[f"{prefix}{k}"] = float(v.mean())
+        if v.ndim == 1:
+            out.update({f"{prefix}{k}/seed_{i}": float(x) for i, x in enumerate(v)})
+    return out
+
+
+def fit(cfg: TrainConfig, problem: Problem, run: Run, *, desc: str | None = None) -> FitResult:
+    """Train `problem` as `cfg` says, logging to `run`; resumes from the workdir's checkpoints."""
+    tx = make_optimizer(cfg)
+    replicated = cfg.num_seeds > 1
+    graphdef, state = init_train_state(problem, tx, cfg)
+    train_data = jax.device_put(problem.train_data)
+    eval_data = None if problem.eval_data is None else jax.device_put(problem.eval_data)
+    num_examples = jax.tree.leaves(train_data)[0].shape[0]
+    samplers = [EpochSampler(num_examples, cfg.batch_size, cfg.seed + r) for r in range(cfg.num_seeds)]
+    chunk = make_chunk(make_train_step(graphdef, problem, tx), replicated)
+    evaluate = make_evaluator(graphdef, problem.eval_fn, replicated)
+    selector = _Selector(problem, state.params, cfg.num_seeds) if problem.select_metric else None
+    if selector is not None and evaluate is None:
+        raise ValueError("select_metric needs an eval_fn")
+
+    checkpoints = Checkpoints(run.workdir / "checkpoints", keep=cfg.keep_checkpoints)
+    saved_config = {"task": run.task, "config": run.config_dict}
+    state = _maybe_resume(checkpoints, state, selector)
+    step = int(jax.device_get(state.step).max())
+    steps_per_call = cfg.steps_per_call or default_steps_per_call()
+    history: list[dict[str, Any]] = []
+    compiled: dict[int, Any] = {}
+    compile_seconds = 0.0
+    pending: list[dict] = []
+    last_saved = checkpoints.latest_step()
+    progress = Progress(cfg.steps, start=step, desc=desc or run.task)
+    t_start = time.perf_counter()
+    stopped_early = False
+
+    def guard() -> None:
+        bad = np.atleast_1d(jax.device_get(state.bad_step))
+        if (bad >= 0).any():
+            replica = int(np.argmax(bad >= 0))
+            where = f" (replica {replica}, seed {cfg.seed + replica})" if replicated else ""
+            kept = (
+                f"the last good checkpoint (step {last_saved}) is intact in {checkpoints.directory}"
+                if last_saved is not None
+                else "no checkpoint was written"
+            )
+            hint = f" {problem.divergence_hint}" if problem.divergence_hint else ""
+            raise RunFailed(
+                f"non-finite loss or gradient at step {int(bad[replica])}{where}; {kept}. "
+                f"Try a lower --learning_rate (now {cfg.learning_rate:g}), gradient clipping "
+                f"(--clip_grad_norm=1.0), or a bounded activation (--activation=tanh).{hint}"
+            )
+
+    def save(at_step: int) -> None:
+        nonlocal last_saved
+        train_state = dict(opt_state=state.opt_state, step=state.step, key=state.key, bad_step=state.bad_step)
+        if selector is not None:
+            train_state["best"] = selector.state_dict()
+        checkpoints.save(at_step, state.params, train_state, saved_config)
+        last_saved = at_step
+
+    try:
+        while step < cfg.steps:
+            k = min(steps_per_call, cfg.steps - step)
+            idx = np.stack([s.indices(step, k) for s in samplers]) if replicated else samplers[0].indices(step, k)
+            if k not in compiled:
+                t0 = time.perf_counter()
+                compiled[k] = chunk.lower(state, train_data, idx).compile()
+                compile_seconds += time.perf_counter() - t0
+            state, metrics = compiled[k](state, train_data, idx)
+            pending.append(metrics)
+            before, step = step, step + k
+            end = step >= cfg.steps
+            if _crossed(before, step, cfg.log_every) or end:
+                guard()
+                host = _scalar_view(_host_metrics(pending), "train_")
+                pending.clear()
+                progress.update(step, host["train_loss"])
+                run.log(step, dict(host, steps_per_second=progress.steps_per_second(step)))
+            if evaluate is not None and (_crossed(before, step, cfg.eval_every) or end):
+                guard()
+                ev = {k: np.asarray(v) for k, v in evaluate(state.params, eval_data).items()}
+                record = dict(step=step, **{k: v.tolist() for k, v in ev.items()})
+                history.append(record)
+                run.log(step, _scalar_view(ev, "eval_"))
+                if selector is not None:
+                    selector.update(step, ev, state.params)
+                    if selector.should_stop():
+                        stopped_early = True
+            if _crossed(before, step, cfg.checkpoint_every) or end or stopped_early:
+                guard()
+                save(step)
+            if stopped_early:
+                break
+        guard()
+        if last_saved != step:
+            save(step)
+    finally:
+        progress.close()
+        checkpoints.wait()
+        checkpoints.close()
+    train_seconds = time.perf_counter() - t_start - compile_seconds
+    final_params = state.params if selector is None else selector.best_params
+    stats = dict(
+        steps=step,
+        train_seconds=train_seconds,
+        compile_seconds=compile_seconds,
+        steps_per_second=progress.steps_per_second(step),
+        steps_per_call=steps_per_call,
+    )
+    if selector is not None:
+        stats.update(best_step=selector.best_step.tolist(), stopped_early=stopped_early)
+        _export_best(run, selector, state, saved_config)
+    return FitResult(
+        graphdef, final_params, cfg.num_seeds, history, stats, make_evaluator(graphdef, problem.eval_fn, replicated)
+    )
+
+
+def _export_best(run: Run, selector: _Selector, state: TrainState, saved_config: dict) -> None:
+    """WORKDIR/best/<step>: the selected parameters, for prediction and probing."""
+    best = Checkpoints(run.workdir / "best", keep=1)
+    try:
+        step = int(np.max(selector.best_step))
+        train_state = dict(opt_state=state.opt_state, step=state.step, key=state.key, bad_step=state.bad_step)
+        best.save(step, selector.best_params, train_state, saved_config)
+        best.wait()
+    finally:
+        best.close()
+
+
+def _maybe_resume(checkpoints: Checkpoints, state: TrainState, selector: _Selector | None) -> TrainState:
+    """The latest checkpoint's state, if the workdir has one; otherwise `state` unchanged."""
+    latest = checkpoints.latest_step()
+    if latest is None:
+        return state
+    template = dict(opt_state=state.opt_state, step=state.step, key=state.key, bad_step=state.bad_step)
+    if selector is not None:
+        template["best"] = selector.state_dict()
+    try:
+        params, saved = checkpoints.restore(latest, state.params, template)
+    except Exception as err:  # a checkpoint from another model or version
+        raise UsageError(
+            f"cannot resume from {checkpoints.directory}/{latest}: it does not match this "
+            f"config's model ({type(err).__name__}); use a new --workdir"
+        ) from None
+    if selector is not None:
+        selector.load(saved["best"])
+    print(f"resuming from checkpoint step {latest} in {checkpoints.directory}", flush=True)
+    return TrainState(saved["step"], params, saved["opt_state"], saved["key"], saved["bad_step"])
