@@ -16,8 +16,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from experiment.config import build_config, config_help, tokenize  # noqa: E402
-from experiment.errors import RunFailed, UsageError  # noqa: E402
+from experiment.config import build_config, config_help, tokenize
+from experiment.errors import RunFailed, UsageError
 
 RUN_OPTIONS = {
     "workdir": "where the run writes (default runs/<task>/<timestamp>); an existing workdir "
@@ -109,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             run.fail(str(err), err.exit_code)
         return err.exit_code
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        print(
+            "interrupted; rerun the same command to resume from the last checkpoint",
+            file=sys.stderr,
+        )
         return 130
     finally:
         if run is not None:

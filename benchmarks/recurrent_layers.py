@@ -25,13 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
 
-from models.recurrent import SequenceRegressor  # noqa: E402
+from models.recurrent import SequenceRegressor
 
 SIZES = {
     "small": dict(batch=64, seq_len=16, hidden=32, features=1),
@@ -51,9 +51,7 @@ class FlaxBuiltin(nnx.Module):
     def __init__(self, cell: str, features: int, hidden: int, layers: int, rngs: nnx.Rngs):
         make = nnx.SimpleCell if cell == "rnn" else nnx.OptimizedLSTMCell
         sizes = [features] + [hidden] * layers
-        self.layers = nnx.List(
-            [nnx.RNN(make(sizes[i], hidden, rngs=rngs)) for i in range(layers)]
-        )
+        self.layers = nnx.List([nnx.RNN(make(sizes[i], hidden, rngs=rngs)) for i in range(layers)])
         self.head = nnx.Linear(hidden, 1, rngs=rngs)
 
     def __call__(self, x):
@@ -126,11 +124,19 @@ def build_runners(cell, size, layers, variants, with_torch):
             model = FlaxBuiltin(cell, size["features"], size["hidden"], layers, nnx.Rngs(0))
         else:
             model = SequenceRegressor(
-                size["features"], size["hidden"], 1, layers, cell=cell, rngs=nnx.Rngs(0), **OURS[name]
+                size["features"],
+                size["hidden"],
+                1,
+                layers,
+                cell=cell,
+                rngs=nnx.Rngs(0),
+                **OURS[name],
             )
         runners[name], compile_s[name] = jax_step_runner(model, x, y)
     if with_torch:
-        runners["torch"], compile_s["torch"] = torch_step_runner(cell, size, layers, x_np, y_np.astype(np.float32))
+        runners["torch"], compile_s["torch"] = torch_step_runner(
+            cell, size, layers, x_np, y_np.astype(np.float32)
+        )
     return runners, compile_s
 
 
@@ -170,8 +176,9 @@ def main() -> None:
 
     with_torch = not args.no_torch and torch_available()
     print(
-        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}"
-        f" ({jax.default_backend()}), load avg {os.getloadavg()[0]:.2f}, torch: {with_torch}"
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"jax {jax.__version__} ({jax.default_backend()}), "
+        f"load avg {os.getloadavg()[0]:.2f}, torch: {with_torch}"
     )
     results = []
     for size_name in args.sizes.split(","):

@@ -202,9 +202,7 @@ def build_config(
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     """JSON-ready dict of a config (tuples become lists)."""
-    return {
-        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
-    }
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
 def from_dict(cls: type[Config], data: Mapping[str, Any]) -> Config:

@@ -92,9 +92,13 @@ def check_same_config(path: Path, task: str, config: Mapping[str, Any]) -> None:
             "choose another --workdir"
         )
     current = json_ready(dict(config))
-    differing = sorted(k for k in set(saved_config) | set(current) if saved_config.get(k) != current.get(k))
+    differing = sorted(
+        k for k in set(saved_config) | set(current) if saved_config.get(k) != current.get(k)
+    )
     if differing:
-        changes = ", ".join(f"{k}: {saved_config.get(k)!r} -> {current.get(k)!r}" for k in differing)
+        changes = ", ".join(
+            f"{k}: {saved_config.get(k)!r} -> {current.get(k)!r}" for k in differing
+        )
         raise UsageError(
             f"--workdir={path} holds a run with a different config ({changes}); "
             "resume with the same options or choose another --workdir"

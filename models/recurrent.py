@@ -138,21 +138,37 @@ class Recurrent(nnx.Module):
         common = dict(impl=self.impl, hoist=self.hoist_input, unroll=self.unroll)
         if self.cell == "rnn":
             hs = ops.rnn_scan(
-                *weights, xs, state[0], mask, activation=self.activation, perturb_TxBxH=perturb_h, **common
+                *weights,
+                xs,
+                state[0],
+                mask,
+                activation=self.activation,
+                perturb_TxBxH=perturb_h,
+                **common,
             )
             return hs, None
         if self.cell == "lstm":
             return ops.lstm_scan(
-                *weights, xs, *state, mask, perturb_h_TxBxH=perturb_h, perturb_c_TxBxH=perturb_c, **common
+                *weights,
+                xs,
+                *state,
+                mask,
+                perturb_h_TxBxH=perturb_h,
+                perturb_c_TxBxH=perturb_c,
+                **common,
             )
-        hs = ops.gru_scan(*weights, self.b_hn[...], xs, state[0], mask, perturb_TxBxH=perturb_h, **common)
+        hs = ops.gru_scan(
+            *weights, self.b_hn[...], xs, state[0], mask, perturb_TxBxH=perturb_h, **common
+        )
         return hs, None
 
 
 class StackedRecurrent(nnx.Module):
     """Recurrent layers where layer l's hidden states are layer l+1's inputs."""
 
-    def __init__(self, in_features: int, hidden_size: int, num_layers: int, *, rngs: nnx.Rngs, **layer_kw):
+    def __init__(
+        self, in_features: int, hidden_size: int, num_layers: int, *, rngs: nnx.Rngs, **layer_kw
+    ):
         sizes = [in_features] + [hidden_size] * num_layers
         self.layers = nnx.List(
             [Recurrent(sizes[i], hidden_size, rngs=rngs, **layer_kw) for i in range(num_layers)]
@@ -172,14 +188,14 @@ class StackedRecurrent(nnx.Module):
         h = x if time_major else jnp.swapaxes(x, 0, 1)
         mask_TxB = None if mask is None else (mask if time_major else mask.T)
         outputs = []
-        for l, layer in enumerate(self.layers):
+        for index, layer in enumerate(self.layers):
             out = layer(
                 h,
-                None if initial_states is None else initial_states[l],
+                None if initial_states is None else initial_states[index],
                 mask_TxB,
                 time_major=True,
-                perturb_h=None if perturb_h is None else perturb_h[l],
-                perturb_c=None if perturb_c is None else perturb_c[l],
+                perturb_h=None if perturb_h is None else perturb_h[index],
+                perturb_c=None if perturb_c is None else perturb_c[index],
             )
             outputs.append(out)
             h = out.hs
@@ -187,7 +203,9 @@ class StackedRecurrent(nnx.Module):
             return outputs
         return [
             RecurrentOutput(
-                jnp.swapaxes(o.hs, 0, 1), None if o.cs is None else jnp.swapaxes(o.cs, 0, 1), o.final
+                jnp.swapaxes(o.hs, 0, 1),
+                None if o.cs is None else jnp.swapaxes(o.cs, 0, 1),
+                o.final,
             )
             for o in outputs
         ]

@@ -153,7 +153,9 @@ def rnn_scan(
     the gradient of a loss with respect to it at zero is dL/dh_t.
     """
     if impl == "fused" and perturb_TxBxH is None:
-        return _rnn_fused(w_x_DxH, w_h_HxH, b_H, xs_TxBxD, h0_BxH, mask_TxB, activation, hoist, unroll)
+        return _rnn_fused(
+            w_x_DxH, w_h_HxH, b_H, xs_TxBxD, h0_BxH, mask_TxB, activation, hoist, unroll
+        )
     if impl not in ("fused", "scan"):
         raise ValueError(f"unknown impl {impl!r}; expected 'fused' or 'scan'")
     return _rnn_forward(
@@ -278,7 +280,9 @@ def lstm_scan(
     """
     perturbed = perturb_h_TxBxH is not None or perturb_c_TxBxH is not None
     if impl == "fused" and not perturbed:
-        return _lstm_fused(w_x_Dx4H, w_h_Hx4H, b_4H, xs_TxBxD, h0_BxH, c0_BxH, mask_TxB, hoist, unroll)
+        return _lstm_fused(
+            w_x_Dx4H, w_h_Hx4H, b_4H, xs_TxBxD, h0_BxH, c0_BxH, mask_TxB, hoist, unroll
+        )
     if impl not in ("fused", "scan"):
         raise ValueError(f"unknown impl {impl!r}; expected 'fused' or 'scan'")
     return _lstm_forward(

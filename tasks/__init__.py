@@ -15,7 +15,7 @@ from experiment.config import suggest
 from experiment.errors import UsageError
 
 TASKS: dict[str, str] = {
-    "running_average": "RNN / LSTM / stacked regression of the running mean (all steps or last step)",
+    "running_average": "RNN / LSTM / stacked regression of the running mean (all or last step)",
 }
 
 

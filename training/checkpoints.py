@@ -81,18 +81,25 @@ def read_config(checkpoint_dir: Path, step: int | None = None) -> tuple[int, dic
         if step is None:
             step = max(steps)
         elif step not in steps:
-            raise UsageError(f"--step={step}: no checkpoint at that step; available: {sorted(steps)}")
+            raise UsageError(
+                f"--step={step}: no checkpoint at that step; available: {sorted(steps)}"
+            )
         try:
             saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         except Exception as err:  # orbax raises several types for missing/partial items
-            raise UsageError(f"checkpoint {checkpoint_dir}/{step} has no readable config ({err})") from None
+            raise UsageError(
+                f"checkpoint {checkpoint_dir}/{step} has no readable config ({err})"
+            ) from None
         return step, saved["config"]
     finally:
         manager.close()
 
 
 def restore_params(checkpoint_dir: Path, step: int, params_like: Any) -> Any:
-    """Only the `params` item of a checkpoint, shaped like `params_like`; UsageError if mismatched."""
+    """Only the `params` item of a checkpoint, shaped like `params_like`.
+
+    Raises UsageError when the saved parameters do not fit that shape.
+    """
     manager = ocp.CheckpointManager(Path(checkpoint_dir).absolute())
     try:
         restored = manager.restore(
@@ -100,7 +107,8 @@ def restore_params(checkpoint_dir: Path, step: int, params_like: Any) -> Any:
         )
     except Exception as err:
         raise UsageError(
-            f"checkpoint {checkpoint_dir}/{step}: parameters do not match the saved config's model ({err})"
+            f"checkpoint {checkpoint_dir}/{step}: parameters do not match the model "
+            f"of its saved config ({err})"
         ) from None
     finally:
         manager.close()

@@ -32,7 +32,9 @@ class TrainConfig(Config):
     clip_grad_norm: float | None = option(None, "clip gradients to this global norm", gt=0)
     log_every: int = option(100, "steps between training-metric logs", min=1)
     eval_every: int = option(500, "steps between evaluations", min=1)
-    checkpoint_every: int = option(1000, "steps between checkpoints (one is always saved at the end)", min=1)
+    checkpoint_every: int = option(
+        1000, "steps between checkpoints (one is always saved at the end)", min=1
+    )
     keep_checkpoints: int = option(2, "most recent checkpoints kept on disk", min=1)
     num_seeds: int = option(
         1,

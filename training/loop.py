@@ -101,8 +101,8 @@ class FitResult:
         n = jax.tree.leaves(data)[0].shape[0]
         totals: dict[str, np.ndarray] = {}
         for start in range(0, n, max_rows):
-            part = jax.tree.map(lambda a: a[start : start + max_rows], data)
             rows = min(max_rows, n - start)
+            part = jax.tree.map(lambda a, s=slice(start, start + rows): a[s], data)
             for k, v in self.eval_fn(self.params, part).items():
                 totals[k] = totals.get(k, 0.0) + np.asarray(v, dtype=np.float64) * rows
         return {k: v / n for k, v in totals.items()}
@@ -131,9 +131,7 @@ def init_train_state(problem: Problem, tx, cfg: TrainConfig) -> tuple[Any, Train
 
     def one(seed):
         params = init(seed)
-        return TrainState(
-            jnp.int32(0), params, tx.init(params), _base_key(seed), jnp.int32(-1)
-        )
+        return TrainState(jnp.int32(0), params, tx.init(params), _base_key(seed), jnp.int32(-1))
 
     if cfg.num_seeds == 1:
         return graphdef, jax.jit(one)(seeds[0])
@@ -153,7 +151,7 @@ def make_train_step(graphdef, problem: Problem, tx):
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.bad_step < 0)
 
         def keep_if_ok(new, old):
@@ -167,7 +165,7 @@ def make_train_step(graphdef, problem: Problem, tx):
             state.key,
             bad_step,
         )
-        metrics = dict(aux, loss=loss, grad_norm=grad_norm, update_norm=optax.global_norm(updates))
+        metrics = dict(aux, loss=loss, grad_norm=grad_norm, update_norm=optax.tree.norm(updates))
         return new_state, metrics
 
     return train_step
@@ -201,7 +199,11 @@ class _Selector:
     """Best parameters so far by an eval metric, per replica, kept on the device."""
 
     def __init__(self, problem: Problem, params, num_seeds: int):
-        self.metric, self.mode, self.patience = problem.select_metric, problem.select_mode, problem.patience
+        self.metric, self.mode, self.patience = (
+            problem.select_metric,
+            problem.select_mode,
+            problem.patience,
+        )
         shape = (num_seeds,) if num_seeds > 1 else ()
         worst = -np.inf if self.mode == "max" else np.inf
         self.best_value = np.full(shape, worst)
@@ -270,7 +272,9 @@ def fit(cfg: TrainConfig, problem: Problem, run: Run, *, desc: str | None = None
     train_data = jax.device_put(problem.train_data)
     eval_data = None if problem.eval_data is None else jax.device_put(problem.eval_data)
     num_examples = jax.tree.leaves(train_data)[0].shape[0]
-    samplers = [EpochSampler(num_examples, cfg.batch_size, cfg.seed + r) for r in range(cfg.num_seeds)]
+    samplers = [
+        EpochSampler(num_examples, cfg.batch_size, cfg.seed + r) for r in range(cfg.num_seeds)
+    ]
     chunk = make_chunk(make_train_step(graphdef, problem, tx), replicated)
     evaluate = make_evaluator(graphdef, problem.eval_fn, replicated)
     selector = _Selector(problem, state.params, cfg.num_seeds) if problem.select_metric else None
@@ -310,7 +314,9 @@ def fit(cfg: TrainConfig, problem: Problem, run: Run, *, desc: str | None = None
 
     def save(at_step: int) -> None:
         nonlocal last_saved
-        train_state = dict(opt_state=state.opt_state, step=state.step, key=state.key, bad_step=state.bad_step)
+        train_state = dict(
+            opt_state=state.opt_state, step=state.step, key=state.key, bad_step=state.bad_step
+        )
         if selector is not None:
             train_state["best"] = selector.state_dict()
         checkpoints.save(at_step, state.params, train_state, saved_config)
@@ -319,7 +325,11 @@ def fit(cfg: TrainConfig, problem: Problem, run: Run, *, desc: str | None = None
     try:
         while step < cfg.steps:
             k = min(steps_per_call, cfg.steps - step)
-            idx = np.stack([s.indices(step, k) for s in samplers]) if replicated else samplers[0].indices(step, k)
+            idx = (
+                np.stack([s.indices(step, k) for s in samplers])
+                if replicated
+                else samplers[0].indices(step, k)
+            )
             if k not in compiled:
                 t0 = time.perf_counter()
                 compiled[k] = chunk.lower(state, train_data, idx).compile()
@@ -369,7 +379,12 @@ def fit(cfg: TrainConfig, problem: Problem, run: Run, *, desc: str | None = None
         stats.update(best_step=selector.best_step.tolist(), stopped_early=stopped_early)
         _export_best(run, selector, state, saved_config)
     return FitResult(
-        graphdef, final_params, cfg.num_seeds, history, stats, make_evaluator(graphdef, problem.eval_fn, replicated)
+        graphdef,
+        final_params,
+        cfg.num_seeds,
+        history,
+        stats,
+        make_evaluator(graphdef, problem.eval_fn, replicated),
     )
 
 
@@ -378,19 +393,25 @@ def _export_best(run: Run, selector: _Selector, state: TrainState, saved_config:
     best = Checkpoints(run.workdir / "best", keep=1)
     try:
         step = int(np.max(selector.best_step))
-        train_state = dict(opt_state=state.opt_state, step=state.step, key=state.key, bad_step=state.bad_step)
+        train_state = dict(
+            opt_state=state.opt_state, step=state.step, key=state.key, bad_step=state.bad_step
+        )
         best.save(step, selector.best_params, train_state, saved_config)
         best.wait()
     finally:
         best.close()
 
 
-def _maybe_resume(checkpoints: Checkpoints, state: TrainState, selector: _Selector | None) -> TrainState:
+def _maybe_resume(
+    checkpoints: Checkpoints, state: TrainState, selector: _Selector | None
+) -> TrainState:
     """The latest checkpoint's state, if the workdir has one; otherwise `state` unchanged."""
     latest = checkpoints.latest_step()
     if latest is None:
         return state
-    template = dict(opt_state=state.opt_state, step=state.step, key=state.key, bad_step=state.bad_step)
+    template = dict(
+        opt_state=state.opt_state, step=state.step, key=state.key, bad_step=state.bad_step
+    )
     if selector is not None:
         template["best"] = selector.state_dict()
     try:

@@ -9,7 +9,9 @@ import time
 class Progress:
     """Shows step, loss and steps/s. Call `update(step, loss)` as often as convenient."""
 
-    def __init__(self, total: int, start: int = 0, desc: str = "train", min_interval_s: float = 5.0):
+    def __init__(
+        self, total: int, start: int = 0, desc: str = "train", min_interval_s: float = 5.0
+    ):
         self.total, self.desc = total, desc
         self._interactive = sys.stderr.isatty()
         self._min_interval = min_interval_s
@@ -33,7 +35,11 @@ class Progress:
             return
         rate = (step - self._last_step) / max(now - self._t_last, 1e-9)
         text = " ".join(f"{k}={v}" for k, v in fields.items())
-        print(f"[{self.desc}] step {step}/{self.total} {text} {rate:.1f} steps/s", file=sys.stderr, flush=True)
+        print(
+            f"[{self.desc}] step {step}/{self.total} {text} {rate:.1f} steps/s",
+            file=sys.stderr,
+            flush=True,
+        )
         self._t_last, self._last_step = now, step
 
     def steps_per_second(self, step: int) -> float:

@@ -19,7 +19,8 @@ class EpochSampler:
     def __init__(self, num_examples: int, batch_size: int, seed: int):
         if batch_size > num_examples:
             raise UsageError(
-                f"--batch_size={batch_size} is larger than the training set ({num_examples} examples)"
+                f"--batch_size={batch_size} is larger than the training set "
+                f"({num_examples} examples)"
             )
         self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
         self.batches_per_epoch = num_examples // batch_size

@@ -1,0 +1,50 @@
+"""Shared test setup: quiet, offline, deterministic; real data found beside the repo."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault(
+    "RNNAE_CACHE_DIR", os.path.join(tempfile.gettempdir(), "rnnae-test-jax-cache")
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_data(name: str) -> Path:
+    """../shared/data/<name>: skipped when absent, except under CI where it must exist."""
+    path = SHARED_DATA / name
+    if path.is_dir() and any(path.iterdir()):
+        return path
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but the shared test data {path} is missing")
+    pytest.skip(f"shared test data not found at {path}")
+
+
+@pytest.fixture
+def names_dir() -> Path:
+    return shared_data("names")
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    return shared_data("mnist")
+
+
+@pytest.fixture
+def train_cli(capsys):
+    """Run train.py in-process: returns (exit code, stdout, stderr)."""
+    import train
+
+    def invoke(*args: str):
+        code = train.main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return invoke
