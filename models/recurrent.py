@@ -56,7 +56,7 @@ def blockwise_orthogonal(blocks: int):
 class Recurrent(nnx.Module):
     """One recurrent layer run over time with `jax.lax.scan`.
 
-    RNN:  h_t = act(x_t W_x + h_{t-1} W_h + b)
+    RNN:  h_t = act(x_t W_x + h_{t-1} W_h + b)   (+ h_{t-1} with residual=True)
     LSTM: f,i,o = sigmoid(x U + h W + b), g = tanh(.), C_t = f C_{t-1} + i g, h_t = tanh(C_t) o
     GRU:  PyTorch's formulation (reset gate applied to W_h h + b_hn).
 
@@ -78,13 +78,17 @@ class Recurrent(nnx.Module):
         init: Init = "uniform",
         impl: Impl = "fused",
         hoist_input: bool = False,
+        residual: bool = False,
         unroll: int = 1,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         if cell not in GATES_PER_CELL:
             raise ValueError(f"unknown cell {cell!r}; expected one of {list(GATES_PER_CELL)}")
+        if residual and cell != "rnn":
+            raise ValueError("residual=True is a vanilla-RNN option (h_t = act(...) + h_{t-1})")
         self.cell, self.activation, self.impl = cell, activation, impl
+        self.residual = residual
         self.hoist_input, self.unroll = hoist_input, unroll
         self.hidden_size = hidden_size
         gates = GATES_PER_CELL[cell] * hidden_size
@@ -143,6 +147,7 @@ class Recurrent(nnx.Module):
                 state[0],
                 mask,
                 activation=self.activation,
+                residual=self.residual,
                 perturb_TxBxH=perturb_h,
                 **common,
             )

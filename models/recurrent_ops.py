@@ -110,12 +110,15 @@ def _zero_grads(w_x, w_h):
 # ----------------------------------------------------------------------------- RNN
 
 
-def _rnn_forward(w_x, w_h, b, xs, h0, mask, perturb, *, activation: str, hoist: bool, unroll=1):
+def _rnn_forward(
+    w_x, w_h, b, xs, h0, mask, perturb, *, activation: str, hoist: bool, residual=False, unroll=1
+):
     act = ACTIVATIONS[activation]
 
     def step(h, per_step):
         inp, m, p = per_step
-        h_new = _hold(m, act(_pre_activation(inp, h, w_x, w_h, b, hoist)), h)
+        update = act(_pre_activation(inp, h, w_x, w_h, b, hoist))
+        h_new = _hold(m, update + h if residual else update, h)
         if p is not None:
             h_new = h_new + p
         return h_new, h_new
@@ -125,37 +128,38 @@ def _rnn_forward(w_x, w_h, b, xs, h0, mask, perturb, *, activation: str, hoist: 
     return hs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _rnn_fused(w_x, w_h, b, xs, h0, mask, activation, hoist, unroll):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _rnn_fused(w_x, w_h, b, xs, h0, mask, activation, hoist, residual, unroll):
     return _rnn_forward(
-        w_x, w_h, b, xs, h0, mask, None, activation=activation, hoist=hoist, unroll=unroll
-    )
+        w_x, w_h, b, xs, h0, mask, None,
+        activation=activation, hoist=hoist, residual=residual, unroll=unroll,
+    )  # fmt: skip
 
 
-def _rnn_fused_fwd(w_x, w_h, b, xs, h0, mask, activation, hoist, unroll):
+def _rnn_fused_fwd(w_x, w_h, b, xs, h0, mask, activation, hoist, residual, unroll):
     w_x, w_h, b, xs, h0, mask = _values(w_x, w_h, b, xs, h0, mask)
-    hs = _rnn_forward(
-        w_x, w_h, b, xs, h0, mask, None, activation=activation, hoist=hoist, unroll=unroll
-    )
+    hs = _rnn_fused(w_x, w_h, b, xs, h0, mask, activation, hoist, residual, unroll)
     return hs, (w_x, w_h, xs, h0, mask, hs)
 
 
-def _rnn_fused_bwd(activation, hoist, unroll, residuals, g_hs):
+def _rnn_fused_bwd(activation, hoist, residual, unroll, residuals, g_hs):
     w_x, w_h, xs, h0, mask, hs = residuals
     w_h_T = w_h.T
 
     def step(carry, t):
         dh_next, grads = carry
         dh = _plus(_cotangent(g_hs, t), dh_next)
-        dz = dh * activation_grad_from_output(activation, _at(hs, t))
+        h_t, h_prev = _at(hs, t), _before(hs, h0, t)
+        update = h_t - h_prev if residual else h_t  # act(z_t) wherever the step is not padding
+        dz = dh * activation_grad_from_output(activation, update)
         if mask is None:
-            dh_prev = dz @ w_h_T
+            passthrough = dh if residual else 0.0
         else:
             keep = _at(mask, t)[:, None]
             dz = jnp.where(keep, dz, 0.0)
-            dh_prev = jnp.where(keep, 0.0, dh) + dz @ w_h_T
-        grads, dx_t = _accumulate(grads, _at(xs, t), _before(hs, h0, t), dz, w_x)
-        return (dh_prev, grads), dx_t
+            passthrough = dh if residual else jnp.where(keep, 0.0, dh)
+        grads, dx_t = _accumulate(grads, _at(xs, t), h_prev, dz, w_x)
+        return (passthrough + dz @ w_h_T, grads), dx_t
 
     init = (jnp.zeros_like(h0), _zero_grads(w_x, w_h))
     steps = jnp.arange(xs.shape[0])
@@ -177,17 +181,19 @@ def rnn_scan(
     activation: str = "tanh",
     impl: str = "fused",
     hoist: bool = False,
+    residual: bool = False,
     unroll: int = 1,
     perturb_TxBxH=None,
 ):
     """All hidden states h_1..h_T of h_t = act(x_t W_x + h_{t-1} W_h + b), shape (T, B, H).
 
+    residual=True adds a skip connection: h_t = act(...) + h_{t-1}.
     `perturb_TxBxH` (scan impl only) is added to each h_t inside the recurrence;
     the gradient of a loss with respect to it at zero is dL/dh_t.
     """
     if impl == "fused" and perturb_TxBxH is None:
         return _rnn_fused(
-            w_x_DxH, w_h_HxH, b_H, xs_TxBxD, h0_BxH, mask_TxB, activation, hoist, unroll
+            w_x_DxH, w_h_HxH, b_H, xs_TxBxD, h0_BxH, mask_TxB, activation, hoist, residual, unroll
         )
     if impl not in ("fused", "scan"):
         raise ValueError(f"unknown impl {impl!r}; expected 'fused' or 'scan'")
@@ -201,6 +207,7 @@ def rnn_scan(
         perturb_TxBxH,
         activation=activation,
         hoist=hoist,
+        residual=residual,
         unroll=unroll,
     )
 

@@ -20,15 +20,16 @@ ACT = {
 }
 
 
-def rnn_forward(w_x, w_h, b, x_BxTxD, h0, mask_BxT, activation):
-    """Hidden states (B, T, H) and pre-activations of h_t = act(x_t W_x + h_{t-1} W_h + b)."""
+def rnn_forward(w_x, w_h, b, x_BxTxD, h0, mask_BxT, activation, residual=False):
+    """Hidden states (B, T, H) and pre-activations of h_t = act(x_t W_x + h_{t-1} W_h + b)
+    (plus h_{t-1} when residual)."""
     act = ACT[activation][0]
     steps = x_BxTxD.shape[1]
     h = h0.copy()
     hs, pre = [], []
     for t in range(steps):
         a = x_BxTxD[:, t] @ w_x + h @ w_h + b
-        h_new = act(a)
+        h_new = act(a) + (h if residual else 0.0)
         m = mask_BxT[:, t][:, None]
         h = np.where(m, h_new, h)
         hs.append(h)
@@ -36,10 +37,10 @@ def rnn_forward(w_x, w_h, b, x_BxTxD, h0, mask_BxT, activation):
     return np.stack(hs, 1), np.stack(pre, 1)
 
 
-def rnn_backward(w_x, w_h, b, x, h0, mask, activation, g_hs):
+def rnn_backward(w_x, w_h, b, x, h0, mask, activation, g_hs, residual=False):
     """Gradients of L = sum(g_hs * hs) w.r.t. (w_x, w_h, b, x, h0), by BPTT."""
     d_act = ACT[activation][1]
-    hs, pre = rnn_forward(w_x, w_h, b, x, h0, mask, activation)
+    hs, pre = rnn_forward(w_x, w_h, b, x, h0, mask, activation, residual)
     steps = x.shape[1]
     dw_x, dw_h, db = np.zeros_like(w_x), np.zeros_like(w_h), np.zeros_like(b)
     dx = np.zeros_like(x)
@@ -54,7 +55,7 @@ def rnn_backward(w_x, w_h, b, x, h0, mask, activation, g_hs):
         dw_h += h_prev.T @ da
         db += da.sum(0)
         dx[:, t] = da @ w_x.T
-        dh_next = da @ w_h.T + np.where(m, 0.0, dh)
+        dh_next = da @ w_h.T + (dh if residual else np.where(m, 0.0, dh))
     return dw_x, dw_h, db, dx, dh_next
 
 

@@ -41,6 +41,17 @@ def time_major(a):
 @pytest.mark.parametrize("impl,hoist", IMPLS)
 @pytest.mark.parametrize("masked", [False, True])
 def test_rnn_outputs_and_gradients_match_numpy_bptt(activation, impl, hoist, masked):
+    check_rnn_against_numpy(activation, impl, hoist, masked, residual=False)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("impl", ["fused", "scan"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_residual_rnn_outputs_and_gradients_match_numpy_bptt(activation, impl, masked):
+    check_rnn_against_numpy(activation, impl, False, masked, residual=True)
+
+
+def check_rnn_against_numpy(activation, impl, hoist, masked, residual):
     w_x, w_h, b, x, h0, _, mask = random_case(1, masked=masked)
     g_hs = np.random.default_rng(1).normal(size=(B, T, H))
 
@@ -55,14 +66,15 @@ def test_rnn_outputs_and_gradients_match_numpy_bptt(activation, impl, hoist, mas
             activation=activation,
             impl=impl,
             hoist=hoist,
+            residual=residual,
         )
         return jnp.swapaxes(hs, 0, 1)
 
     hs, vjp = jax.vjp(f, w_x, w_h, b, x, h0)
-    expected_hs, _ = ref.rnn_forward(w_x, w_h, b, x, h0, mask, activation)
+    expected_hs, _ = ref.rnn_forward(w_x, w_h, b, x, h0, mask, activation, residual)
     np.testing.assert_allclose(hs, expected_hs, rtol=1e-10, atol=1e-12)
     grads = vjp(jnp.asarray(g_hs))
-    expected = ref.rnn_backward(w_x, w_h, b, x, h0, mask, activation, g_hs)
+    expected = ref.rnn_backward(w_x, w_h, b, x, h0, mask, activation, g_hs, residual)
     for got, want, name in zip(grads, expected, ["w_x", "w_h", "b", "x", "h0"], strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11, err_msg=name)
 
