@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup run test test-slow lint format bench clean
+.PHONY: setup run test test-slow lint format bench bench-torch clean
 
 setup: $(STAMP)
 
@@ -33,8 +33,17 @@ test: lint  ## lint + the fast test suite
 test-slow: $(STAMP)  ## long tests (targets, end-to-end studies)
 	$(PY) -m pytest -q -m slow $(ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP)  ## speed measurements (results go in BENCHMARKS.md)
 	$(PY) benchmarks/recurrent_layers.py
+	$(PY) benchmarks/time_to_target.py
+
+# The same benchmarks with a PyTorch reference column, from a separate venv:
+# PyTorch is never a dependency of the project.
+bench-torch: $(STAMP)
+	test -x .bench-venv/bin/python || $(PYTHON) -m venv .bench-venv
+	.bench-venv/bin/python -m pip install --quiet -c constraints.txt -e . torch==2.13.0
+	.bench-venv/bin/python benchmarks/recurrent_layers.py
+	.bench-venv/bin/python benchmarks/time_to_target.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .bench-venv .pytest_cache .ruff_cache
