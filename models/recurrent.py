@@ -65,7 +65,9 @@ class Recurrent(nnx.Module):
     init="uniform": every weight and bias ~ U(-1/sqrt(H), 1/sqrt(H)) (PyTorch's default;
     the default here because it reaches the running-average targets in fewer steps,
     see BENCHMARKS.md). init="orthogonal": Flax's default (LeCun-normal input
-    kernel, orthogonal recurrent kernel per gate, zero bias).
+    kernel, orthogonal recurrent kernel per gate, zero bias). `forget_bias` is added
+    to the LSTM forget gate's bias (1.0 is the usual remedy for a cell state that
+    decays by half per step at initialisation).
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class Recurrent(nnx.Module):
         impl: Impl = "fused",
         hoist_input: bool = False,
         residual: bool = False,
+        forget_bias: float = 0.0,
         unroll: int = 1,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -102,7 +105,10 @@ class Recurrent(nnx.Module):
             raise ValueError(f"unknown init {init!r}; expected 'uniform' or 'orthogonal'")
         self.w_x = nnx.Param(w_x_init(rngs.params(), (in_features, gates), dtype))
         self.w_h = nnx.Param(w_h_init(rngs.params(), (hidden_size, gates), dtype))
-        self.b = nnx.Param(b_init(rngs.params(), (gates,), dtype))
+        b = b_init(rngs.params(), (gates,), dtype)
+        if cell == "lstm" and forget_bias:
+            b = b.at[:hidden_size].add(forget_bias)  # gate order [f, i, o, g]
+        self.b = nnx.Param(b)
         if cell == "gru":  # the candidate's recurrent bias sits inside the reset gate
             self.b_hn = nnx.Param(b_init(rngs.params(), (hidden_size,), dtype))
 

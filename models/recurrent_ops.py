@@ -215,8 +215,11 @@ def rnn_scan(
 # ---------------------------------------------------------------------------- LSTM
 
 
-def _lstm_cell(z_BxG, c_BxH):
+def _lstm_cell(z_BxG, c_BxH, perturb_c=None):
     """One LSTM update from pre-activations [f, i, o, g] and the previous cell state.
+
+    perturb_c is added to C_t before h_t = tanh(C_t) o is computed, so that its
+    gradient is the total dL/dC_t.
 
     Returns (h, C, gates) with gates = (f, i, o, g) kept as four arrays: splitting
     then activating each piece (not activating a 3H slice and re-slicing) and never
@@ -225,6 +228,8 @@ def _lstm_cell(z_BxG, c_BxH):
     f, i, o, g = jnp.split(z_BxG, 4, axis=-1)
     f, i, o, g = jax.nn.sigmoid(f), jax.nn.sigmoid(i), jax.nn.sigmoid(o), jnp.tanh(g)
     c_new = f * c_BxH + i * g
+    if perturb_c is not None:
+        c_new = c_new + perturb_c
     return jnp.tanh(c_new) * o, c_new, (f, i, o, g)
 
 
@@ -234,12 +239,10 @@ def _lstm_forward(
     def step(carry, per_step):
         h, c = carry
         inp, m, p_h, p_c = per_step
-        h_new, c_new, gates = _lstm_cell(_pre_activation(inp, h, w_x, w_h, b, hoist), c)
+        h_new, c_new, gates = _lstm_cell(_pre_activation(inp, h, w_x, w_h, b, hoist), c, p_c)
         h_new, c_new = _hold(m, h_new, h), _hold(m, c_new, c)
         if p_h is not None:
             h_new = h_new + p_h
-        if p_c is not None:
-            c_new = c_new + p_c
         out = (h_new, c_new, gates) if keep_gates else (h_new, c_new)
         return (h_new, c_new), out
 

@@ -16,6 +16,9 @@ from experiment.errors import UsageError
 
 TASKS: dict[str, str] = {
     "running_average": "RNN / LSTM / stacked regression of the running mean (all or last step)",
+    "scalar_rnn": "backprop through h_t = w (u_t + h_{t-1}): autodiff vs closed form vs edges",
+    "grad_flow": "||dL/dh_t|| over time: vanishing / exploding gradients of one configuration",
+    "grad_flow_compare": "tanh vs relu vs identity RNN vs LSTM vs residual RNN on one figure",
 }
 
 

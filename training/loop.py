@@ -266,8 +266,18 @@ def _scalar_view(metrics: dict[str, np.ndarray], prefix: str) -> dict[str, float
     return out
 
 
-def fit(cfg: TrainConfig, problem: Problem, run: Run, *, desc: str | None = None) -> FitResult:
-    """Train `problem` as `cfg` says, logging to `run`; resumes from the workdir's checkpoints."""
+def fit(
+    cfg: TrainConfig,
+    problem: Problem,
+    run: Run,
+    *,
+    desc: str | None = None,
+    checkpoint_dir: str | None = None,
+) -> FitResult:
+    """Train `problem` as `cfg` says, logging to `run`; resumes from the workdir's checkpoints.
+
+    checkpoint_dir: a subdirectory of the workdir for tasks that train several models.
+    """
     tx = make_optimizer(cfg)
     replicated = cfg.num_seeds > 1
     graphdef, state = init_train_state(problem, tx, cfg)
@@ -283,7 +293,9 @@ def fit(cfg: TrainConfig, problem: Problem, run: Run, *, desc: str | None = None
     if selector is not None and evaluate is None:
         raise ValueError("select_metric needs an eval_fn")
 
-    checkpoints = Checkpoints(run.workdir / "checkpoints", keep=cfg.keep_checkpoints)
+    checkpoints = Checkpoints(
+        run.workdir / (checkpoint_dir or "checkpoints"), keep=cfg.keep_checkpoints
+    )
     saved_config = {"task": run.task, "config": run.config_dict}
     state = _maybe_resume(checkpoints, state, selector)
     step = int(jax.device_get(state.step).max())

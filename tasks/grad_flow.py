@@ -1,0 +1,277 @@
+"""How dL/dh_t behaves over time: vanishing and exploding gradients in recurrent nets.
+
+For a batch of running-average sequences, the gradient of the loss with respect
+to every hidden state h_t (and every LSTM cell state C_t) is read with the
+perturbation trick: a zero perturbation e_t is added to each state inside the
+scan, and dL/de_t = dL/dh_t, the total gradient reaching that state from all
+later steps. Its norm against t shows whether gradients vanish or explode on the
+way back; `log_grad_slope` is the least-squares slope of log ||dL/dh_t|| against
+t (positive: the gradient shrinks going back in time).
+
+The recurrent weight can be rescaled at initialisation to a chosen spectral
+radius, and the model can first be trained on the running-average task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from data.running_average import make_running_average
+from experiment.config import option
+from experiment.errors import UsageError
+from experiment.run import Run
+from models.recurrent import SequenceRegressor
+from tasks import running_average
+from training.config import TrainConfig
+from training.loop import fit
+
+# |log-gradient change| over the sequence that counts as vanishing / exploding (10^3 = e^6.9)
+REGIME_THRESHOLD = np.log(1e3)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowConfig(TrainConfig):
+    """Options shared by `grad_flow` and `grad_flow_compare`."""
+
+    num_layers: int = option(1, "stacked recurrent layers", min=1)
+    hidden_size: int = option(32, "hidden units per layer", min=1)
+    seq_len: int = option(100, "sequence length T", min=2)
+    spectral_radius: float | None = option(
+        None, "rescale each recurrent weight block at init so that max |eigenvalue| is this", gt=0
+    )
+    init: Literal["uniform", "orthogonal"] = option("orthogonal", "initialisation (see models)")
+    forget_bias: float = option(0.0, "added to the LSTM forget-gate bias at initialisation")
+    probe_batch: int = option(64, "sequences in the batch whose gradients are measured", min=1)
+    data_seed: int = option(1234, "seed of the generated sequences", min=0)
+    steps: int = option(0, "training steps on the running-average task before measuring", min=0)
+    learning_rate: float = option(3e-3, "learning rate when steps > 0", gt=0)
+    num_train: int = option(10_000, "training sequences when steps > 0", min=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(FlowConfig):
+    cell: Literal["rnn", "lstm", "gru"] = option("rnn", "recurrent cell")
+    activation: Literal["tanh", "relu", "identity"] = option("tanh", "RNN activation")
+    residual: bool = option(False, "RNN skip connection h_t = act(...) + h_{t-1}")
+    last_target_only: bool = option(True, "loss on the last step only (else on every step)")
+
+    def check(self) -> None:
+        super().check()
+        if self.residual and self.cell != "rnn":
+            raise UsageError(f"--residual applies to --cell=rnn only, not --cell={self.cell}")
+
+
+def spectral_radius(w_HxH: np.ndarray) -> np.ndarray:
+    """max |eigenvalue| (NumPy: JAX's eig runs on CPU only)."""
+    return np.max(np.abs(np.linalg.eigvals(np.asarray(w_HxH, np.float64)))).astype(w_HxH.dtype)
+
+
+def rescale_spectral_radius(w_h: jax.Array, radius: float) -> jax.Array:
+    """Scale each (H, H) gate block of w_h (H, G*H) to the given spectral radius."""
+    hidden = w_h.shape[0]
+    blocks = jnp.split(w_h, w_h.shape[1] // hidden, axis=1)
+    scaled = []
+    for block in blocks:
+        rho = jax.pure_callback(
+            spectral_radius,
+            jax.ShapeDtypeStruct((), block.dtype),
+            block,
+            vmap_method="sequential",
+        )
+        scaled.append(block * (radius / rho))
+    return jnp.concatenate(scaled, axis=1)
+
+
+def make_model(cfg: Config, rngs: nnx.Rngs) -> SequenceRegressor:
+    model = SequenceRegressor(
+        1,
+        cfg.hidden_size,
+        1,
+        cfg.num_layers,
+        cell=cfg.cell,
+        activation=cfg.activation,
+        init=cfg.init,
+        residual=cfg.residual,
+        forget_bias=cfg.forget_bias if cfg.cell == "lstm" else 0.0,
+        rngs=rngs,
+    )
+    if cfg.spectral_radius is not None:
+        for layer in model.rnn.layers:
+            layer.w_h[...] = rescale_spectral_radius(layer.w_h[...], cfg.spectral_radius)
+    return model
+
+
+@dataclasses.dataclass
+class GradFlow:
+    """Per-layer norms over time, each an array of shape (T,)."""
+
+    grad_h: list[np.ndarray]  # ||dL/dh_t||, Frobenius over batch and units
+    grad_c: list[np.ndarray] | None  # ||dL/dC_t|| (LSTM)
+    state_h: list[np.ndarray]  # mean over the batch of ||h_t||
+
+
+def measure(model: SequenceRegressor, x, y, last_target_only: bool) -> GradFlow:
+    """dL/dh_t (and dL/dC_t) for every layer and step, by the perturbation trick."""
+    layers = model.rnn.layers
+    steps, batch = x.shape[1], x.shape[0]
+    zeros = [jnp.zeros((steps, batch, layer.hidden_size), x.dtype) for layer in layers]
+    is_lstm = layers[0].cell == "lstm"
+
+    def loss(perturb_h, perturb_c):
+        y_hat, outputs = model.predict_with_states(
+            x, perturb_h=perturb_h, perturb_c=perturb_c if is_lstm else None
+        )
+        errors = jnp.square(y_hat - y)[..., 0]
+        value = errors[:, -1].mean() if last_target_only else errors.mean()
+        return value, outputs
+
+    (g_h, g_c), outputs = jax.grad(loss, argnums=(0, 1), has_aux=True)(zeros, zeros)
+
+    def per_step_norm(g_TxBxH):
+        return np.sqrt(np.sum(np.square(np.asarray(g_TxBxH, np.float64)), axis=(1, 2)))
+
+    return GradFlow(
+        grad_h=[per_step_norm(g) for g in g_h],
+        grad_c=[per_step_norm(g) for g in g_c] if is_lstm else None,
+        state_h=[
+            np.linalg.norm(np.asarray(o.hs, np.float64), axis=-1).mean(axis=1) for o in outputs
+        ],
+    )
+
+
+def log_slope(norms_T: np.ndarray) -> float:
+    """Least-squares slope of log ||g_t|| against t over the steps with a positive norm."""
+    t = np.arange(1, len(norms_T) + 1, dtype=np.float64)
+    keep = np.isfinite(norms_T) & (norms_T > 0)
+    if keep.sum() < 2:
+        return float("nan")
+    return float(np.polyfit(t[keep], np.log(norms_T[keep]), 1)[0])
+
+
+def regime(norms_T: np.ndarray) -> str:
+    """'vanishing', 'exploding' or 'stable', from log(||g_1|| / ||g_T||)."""
+    change = np.log(norms_T[0]) - np.log(norms_T[-1]) if norms_T[0] > 0 else -np.inf
+    if not np.isfinite(change):
+        return "vanishing" if change < 0 else "exploding"
+    if change < -REGIME_THRESHOLD:
+        return "vanishing"
+    if change > REGIME_THRESHOLD:
+        return "exploding"
+    return "stable"
+
+
+def flow_summary(flow: GradFlow, prefix: str = "") -> dict:
+    """Summary numbers for the top layer (and per layer when stacked)."""
+    top = flow.grad_h[-1]
+    out = {
+        f"{prefix}log_grad_slope": log_slope(top),
+        f"{prefix}grad_norm_first": float(top[0]),
+        f"{prefix}grad_norm_last": float(top[-1]),
+        f"{prefix}grad_ratio_first_last": float(top[0] / top[-1]) if top[-1] > 0 else float("nan"),
+        f"{prefix}vanishing": int(regime(top) == "vanishing"),
+        f"{prefix}exploding": int(regime(top) == "exploding"),
+        f"{prefix}state_norm_first": float(flow.state_h[-1][0]),
+        f"{prefix}state_norm_last": float(flow.state_h[-1][-1]),
+    }
+    if len(flow.grad_h) > 1:
+        out.update(
+            {
+                f"{prefix}log_grad_slope_layer{i + 1}": log_slope(g)
+                for i, g in enumerate(flow.grad_h)
+            }
+        )
+    if flow.grad_c is not None:
+        out[f"{prefix}log_cell_grad_slope"] = log_slope(flow.grad_c[-1])
+        out[f"{prefix}cell_grad_norm_first"] = float(flow.grad_c[-1][0])
+        out[f"{prefix}cell_grad_norm_last"] = float(flow.grad_c[-1][-1])
+    return out
+
+
+def running_average_config(cfg: Config) -> running_average.Config:
+    """The running-average training config matching a grad-flow config."""
+    shared = {f.name for f in dataclasses.fields(running_average.Config)} & {
+        f.name for f in dataclasses.fields(Config)
+    }
+    values = {name: getattr(cfg, name) for name in shared}
+    return running_average.Config(**values, last_step_only=cfg.last_target_only)
+
+
+def trained_or_initial_model(
+    cfg: Config, run: Run, checkpoint_dir=None
+) -> tuple[SequenceRegressor, dict[str, float]]:
+    """The model at initialisation, or after `steps` of running-average training
+    (then also its held-out `eval_loss`)."""
+    if cfg.steps == 0:
+        return make_model(cfg, nnx.Rngs(cfg.seed)), {}
+    train_cfg = running_average_config(cfg)
+    problem = dataclasses.replace(
+        running_average.make_problem(train_cfg), make_model=lambda rngs: make_model(cfg, rngs)
+    )
+    result = fit(train_cfg, problem, run, checkpoint_dir=checkpoint_dir)
+    return result.model(), {"eval_loss": float(result.evaluate(problem.eval_data)["loss"])}
+
+
+def probe_batch(cfg: Config) -> tuple[jax.Array, jax.Array]:
+    data = make_running_average(cfg.probe_batch, cfg.seq_len, seed=cfg.data_seed + 7)
+    return jnp.asarray(data["x"]), jnp.asarray(data["y"])
+
+
+def run(cfg: Config, run: Run) -> dict:
+    model, trained = trained_or_initial_model(cfg, run)
+    flow = measure(model, *probe_batch(cfg), cfg.last_target_only)
+    summary = {**flow_summary(flow), **trained}
+    print(
+        f"log ||dL/dh_t|| slope {summary['log_grad_slope']:+.4f} per step; "
+        f"||dL/dh_1|| / ||dL/dh_T|| = {summary['grad_ratio_first_last']:.3g} "
+        f"({regime(flow.grad_h[-1])})"
+    )
+    plot_flow(run, {describe(cfg): flow}, "grad_flow", title=describe(cfg))
+    return summary
+
+
+def describe(cfg: Config) -> str:
+    cell = f"{cfg.cell.upper()}" + (f" {cfg.activation}" if cfg.cell == "rnn" else "")
+    extras = [f"rho={cfg.spectral_radius:g}"] if cfg.spectral_radius is not None else []
+    extras += ["residual"] if cfg.residual else []
+    extras += [f"forget bias {cfg.forget_bias:g}"] if cfg.cell == "lstm" and cfg.forget_bias else []
+    extras += [f"trained {cfg.steps} steps"] if cfg.steps else []
+    return cell + (f" ({', '.join(extras)})" if extras else "")
+
+
+def plot_flow(run: Run, flows: dict[str, GradFlow], name: str, title: str) -> None:
+    """Left: log10 ||dL/dh_t|| (and dL/dC_t) against t; right: ||h_t|| against t."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_g, ax_h) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for i, (label, flow) in enumerate(flows.items()):
+        color = f"C{i}"
+        draw_flow(ax_g, ax_h, flow, label, color)
+    ax_g.set_xlabel("timestep t")
+    ax_g.set_ylabel("||dL/dh_t||  (log scale)")
+    ax_g.set_yscale("log")
+    ax_h.set_xlabel("timestep t")
+    ax_h.set_ylabel("mean ||h_t||")
+    ax_g.legend(fontsize=7)
+    fig.suptitle(title)
+    run.save_figure(fig, name)
+
+
+def draw_flow(ax_g, ax_h, flow: GradFlow, label: str, color: str) -> None:
+    t = np.arange(1, len(flow.grad_h[-1]) + 1)
+    for layer, g in enumerate(flow.grad_h):
+        suffix = f" layer {layer + 1}" if len(flow.grad_h) > 1 else ""
+        style = "-" if layer == len(flow.grad_h) - 1 else ":"
+        ax_g.plot(t, np.where(g > 0, g, np.nan), style, color=color, label=f"{label}{suffix}")
+    if flow.grad_c is not None:
+        g = flow.grad_c[-1]
+        ax_g.plot(t, np.where(g > 0, g, np.nan), "--", color=color, label=f"{label}: dL/dC_t")
+    ax_h.plot(t, flow.state_h[-1], color=color, label=label)
