@@ -1,0 +1,452 @@
+"""Run a W&B sweep file offline on one machine, with W&B's own search algorithms.
+
+    python sweep.py sweeps/X.yaml [--count N] [--workers W] [--sweep_dir DIR] [--seed S]
+    python sweep.py --report DIR
+
+The YAML is the same file `wandb sweep` takes (method grid | random | bayes,
+metric, parameters, and a command holding --task=NAME). Trials are proposed by
+`sweeps.next_run` (the `sweeps` package that W&B's server uses), seeded so that a
+sweep is reproducible. Each trial is its own `train.py` process with its own
+workdir under the sweep directory and offline W&B files (`wandb sync` uploads
+them later). A failed or non-finite trial is recorded with its error and the
+sweep goes on. The state lives in SWEEP_DIR/sweep_state.json, written
+atomically after every change: rerunning the same command resumes, rerunning
+interrupted trials from their checkpoints and never repeating a finished one.
+
+At the end (or with --report): a table sorted by the metric with one column per
+swept parameter, printed and saved as results.csv / results.md, the best
+configuration, and results.png (the metric against each parameter).
+
+Exit codes: 0 done, 2 bad sweep file or options, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from experiment.config import build_config, suggest
+from experiment.errors import UsageError
+from experiment.run import FAILURE_FILE, SUMMARY_FILE, write_bytes_atomic, write_json_atomic
+
+REPO = Path(__file__).resolve().parent
+STATE_FILE = "sweep_state.json"
+METHODS = ("grid", "random", "bayes")
+RUN_OPTIONS = ("workdir", "wandb", "compilation_cache")
+
+
+# ------------------------------------------------------------------ sweep file
+
+
+def load_sweep_file(path: Path) -> dict:
+    """The parsed YAML, or a UsageError saying what is wrong with it."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"sweep file {path} not found") from None
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(spec, dict):
+        raise UsageError(f"{path}: a sweep file is a mapping with method, metric and parameters")
+    return spec
+
+
+def task_of(spec: dict) -> tuple[str, dict[str, str]]:
+    """(task name, fixed --key=value options) from the sweep's command."""
+    fixed = {}
+    for item in spec.get("command") or []:
+        if isinstance(item, str) and item.startswith("--") and "=" in item:
+            key, value = item[2:].split("=", 1)
+            fixed[key] = value
+    task = fixed.pop("task", None)
+    if not task:
+        raise UsageError("the sweep's command must contain --task=NAME")
+    return task, fixed
+
+
+def parameter_values(param: dict) -> list[Any]:
+    """Concrete values a parameter can take, for validation (bounds for distributions)."""
+    if "values" in param:
+        return list(param["values"])
+    if "value" in param:
+        return [param["value"]]
+    return [param[k] for k in ("min", "max") if k in param]
+
+
+def validate(spec: dict) -> tuple[str, type, dict[str, str]]:
+    """Check method, metric and every parameter against the task's config before running."""
+    import tasks
+
+    method = spec.get("method")
+    if method not in METHODS:
+        raise UsageError(
+            f"method {method!r} is not supported offline; use one of {', '.join(METHODS)}"
+        )
+    if "early_terminate" in spec:
+        raise UsageError(
+            "early_terminate (hyperband) is not supported by the offline runner; "
+            "remove it, or run the sweep online with `wandb agent`"
+        )
+    metric = spec.get("metric") or {}
+    if not metric.get("name") or metric.get("goal", "minimize") not in ("minimize", "maximize"):
+        raise UsageError("metric needs a name and goal minimize or maximize")
+    params = spec.get("parameters")
+    if not isinstance(params, dict) or not params:
+        raise UsageError("parameters: give at least one parameter to sweep")
+    task, fixed = task_of(spec)
+    config_cls = tasks.load(task).Config
+    names = [f for f in config_cls.__dataclass_fields__]
+    for name, param in params.items():
+        if name in RUN_OPTIONS or name not in names:
+            raise UsageError(
+                f"parameter {name!r} is not an option of task {task}{suggest(name, names)}"
+            )
+        if not isinstance(param, dict):
+            raise UsageError(
+                f"parameter {name!r}: expected a mapping (values, value, or a distribution)"
+            )
+        for value in parameter_values(param):
+            build_config(config_cls, {**fixed, name: cli_value(value)})
+    build_config(config_cls, fixed)
+    sweeps = import_sweeps()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            sweeps.next_run(sweep_config(spec), [], validate=True)
+        except Exception as err:  # the sweeps package's schema/validation errors
+            raise UsageError(f"invalid sweep: {err}") from None
+    return task, config_cls, fixed
+
+
+def import_sweeps():
+    """W&B's search algorithms (the `sweeps` package; its pydantic-v1 style warns on import)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import sweeps
+    return sweeps
+
+
+def sweep_config(spec: dict) -> dict:
+    """The part of the YAML the search algorithms read."""
+    return {k: spec[k] for k in ("method", "metric", "parameters") if k in spec}
+
+
+def cli_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    if hasattr(value, "item"):
+        value = value.item()
+    return str(value)
+
+
+# ----------------------------------------------------------------------- state
+
+
+class SweepState:
+    """Trials and their outcomes, saved atomically after every change."""
+
+    def __init__(self, directory: Path, spec: dict, seed: int):
+        self.path = directory / STATE_FILE
+        self.directory = directory
+        if self.path.exists():
+            saved = json.loads(self.path.read_text())
+            if saved["sweep"] != spec or saved["seed"] != seed:
+                raise UsageError(
+                    f"--sweep_dir={directory} holds a different sweep (or seed); "
+                    "use another directory"
+                )
+            self.trials: list[dict] = saved["trials"]
+        else:
+            self.trials = []
+        self.spec, self.seed = spec, seed
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.path, {"sweep": self.spec, "seed": self.seed, "trials": self.trials})
+
+    def add(self, params: dict) -> dict:
+        trial = {
+            "id": f"trial-{len(self.trials):03d}",
+            "params": params,
+            "status": "running",
+            "metric": None,
+            "error": None,
+        }
+        self.trials.append(trial)
+        self.save()
+        return trial
+
+    def as_sweep_runs(self, metric: str) -> list:
+        sweeps = import_sweeps()
+        states = {"finished": sweeps.RunState.finished, "failed": sweeps.RunState.failed,
+                  "running": sweeps.RunState.running}  # fmt: skip
+        runs = []
+        for t in self.trials:
+            summary = {metric: t["metric"]} if t["metric"] is not None else {}
+            runs.append(
+                sweeps.SweepRun(
+                    name=t["id"],
+                    config={k: {"value": v} for k, v in t["params"].items()},
+                    state=states[t["status"]],
+                    summary_metrics=summary,
+                )
+            )
+        return runs
+
+
+# --------------------------------------------------------------------- running
+
+
+def propose(state: SweepState, spec: dict) -> dict | None:
+    """The next trial's parameters from W&B's algorithm, or None when the grid is done."""
+    import numpy as np
+
+    sweeps = import_sweeps()
+    # the sweeps package samples with both numpy's and Python's global generators
+    np.random.seed([state.seed, len(state.trials)])
+    random.seed(state.seed * 1_000_003 + len(state.trials))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = sweeps.next_run(sweep_config(spec), state.as_sweep_runs(spec["metric"]["name"]))
+    if run is None:
+        return None
+    return {k: _plain(v["value"]) for k, v in run.config.items()}
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def launch(trial: dict, task: str, fixed: dict, directory: Path, wandb: str) -> subprocess.Popen:
+    workdir = directory / trial["id"]
+    args = [f"--{k}={cli_value(v)}" for k, v in {**fixed, **trial["params"]}.items()]
+    command = [sys.executable, str(REPO / "train.py"), f"--task={task}", *args,
+               f"--workdir={workdir}", f"--wandb={wandb}"]  # fmt: skip
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = open(workdir / "trial.log", "ab")  # noqa: SIM115 - closed when the process ends
+    return subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+    )
+
+
+def outcome(trial: dict, code: int, directory: Path, metric: str) -> None:
+    """Record a finished process's status, metric and error in the trial."""
+    workdir = directory / trial["id"]
+    summary_file, failure_file = workdir / SUMMARY_FILE, workdir / FAILURE_FILE
+    if code == 0 and summary_file.exists():
+        summary = json.loads(summary_file.read_text())
+        value = summary.get(metric)
+        if metric not in summary:
+            trial.update(status="failed", error=f"metric {metric!r} not reported")
+            raise UsageError(
+                f"metric {metric!r} is not in {trial['id']}'s summary.json; the task reports: "
+                + ", ".join(sorted(k for k in summary if not isinstance(summary[k], list)))
+            )
+        if value is None or not math.isfinite(value):
+            trial.update(status="failed", error=f"non-finite {metric}")
+        else:
+            trial.update(status="finished", metric=float(value), error=None)
+        return
+    if failure_file.exists():
+        error = json.loads(failure_file.read_text())["error"]
+    else:
+        log = (workdir / "trial.log").read_text(errors="replace").strip().splitlines()
+        error = log[-1] if log else f"exit code {code}"
+    trial.update(status="failed", error=f"exit {code}: {error}")
+
+
+def run_sweep(
+    spec: dict, directory: Path, count: int | None, workers: int, seed: int, wandb: str
+) -> SweepState:
+    task, _, fixed = validate(spec)
+    metric = spec["metric"]["name"]
+    directory.mkdir(parents=True, exist_ok=True)
+    state = SweepState(directory, spec, seed)
+    if count is None and spec["method"] != "grid":
+        raise UsageError(f"--count is required for method {spec['method']}")
+    resume = [t for t in state.trials if t["status"] == "running"]
+    running: dict[str, tuple[dict, subprocess.Popen]] = {}
+    exhausted = False
+    try:
+        while True:
+            while len(running) < workers:
+                if resume:
+                    trial = resume.pop(0)
+                    print(f"{trial['id']}: resuming {trial['params']}", flush=True)
+                elif not exhausted and (count is None or len(state.trials) < count):
+                    params = propose(state, spec)
+                    if params is None:
+                        exhausted = True
+                        continue
+                    trial = state.add(params)
+                    print(f"{trial['id']}: starting {params}", flush=True)
+                else:
+                    break
+                running[trial["id"]] = (trial, launch(trial, task, fixed, directory, wandb))
+            if not running:
+                break
+            finished = [key for key, (_, proc) in running.items() if proc.poll() is not None]
+            if not finished:
+                time.sleep(0.2)
+                continue
+            for key in finished:
+                trial, proc = running.pop(key)
+                outcome(trial, proc.returncode, directory, metric)
+                state.save()
+                done = sum(t["status"] != "running" for t in state.trials)
+                result = (
+                    f"{metric}={trial['metric']:.6g}"
+                    if trial["status"] == "finished"
+                    else trial["error"]
+                )
+                print(f"{trial['id']}: {trial['status']}: {result} ({done} done)", flush=True)
+    except BaseException:
+        for _, proc in running.values():  # interrupted trials stay "running" and resume later
+            proc.terminate()
+        for _, proc in running.values():
+            proc.wait()
+        state.save()
+        raise
+    return state
+
+
+# ---------------------------------------------------------------------- report
+
+
+def report(directory: Path) -> None:
+    """results.csv, results.md and results.png for a sweep directory, and the printed table."""
+    state_file = directory / STATE_FILE
+    if not state_file.exists():
+        raise UsageError(f"--report {directory}: no {STATE_FILE} there")
+    saved = json.loads(state_file.read_text())
+    spec, trials = saved["sweep"], saved["trials"]
+    metric, goal = spec["metric"]["name"], spec["metric"].get("goal", "minimize")
+    names = list(spec["parameters"])
+    done = [t for t in trials if t["status"] == "finished"]
+    done.sort(key=lambda t: t["metric"], reverse=goal == "maximize")
+    rest = [t for t in trials if t["status"] != "finished"]
+    header = ["trial", *names, metric, "status"]
+    rows = [[t["id"], *[cli_value(t["params"].get(n, "")) for n in names],
+             "" if t["metric"] is None else f"{t['metric']:.6g}",
+             t["status"] if t["status"] != "failed" else f"failed: {t['error']}"]
+            for t in done + rest]  # fmt: skip
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([header, *rows])
+    write_bytes_atomic(directory / "results.csv", buffer.getvalue().encode())
+    markdown = "\n".join(
+        ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        + ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
+    )
+    best = done[0] if done else None
+    best_line = (
+        f"best ({goal} {metric}): {best['id']} {best['params']} -> {best['metric']:.6g}"
+        if best
+        else "no finished trial"
+    )
+    write_bytes_atomic(directory / "results.md", (markdown + "\n\n" + best_line + "\n").encode())
+    print(format_table(header, rows))
+    print(best_line)
+    if done:
+        plot_results(directory, names, done, metric)
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True))
+        for row in [header, *rows]
+    ]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def plot_results(directory: Path, names: list[str], done: list[dict], metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), squeeze=False)
+    values = [t["metric"] for t in done]
+    for ax, name in zip(axes[0], names, strict=True):
+        xs = [t["params"].get(name) for t in done]
+        if all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs):
+            ax.plot(xs, values, "o")
+            positive = [x for x in xs if x > 0]
+            if positive and len(positive) == len(xs) and max(positive) / min(positive) > 20:
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(x) for x in xs})
+            ax.plot([labels.index(str(x)) for x in xs], values, "o")
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels(labels)
+        ax.set_xlabel(name)
+        ax.set_ylabel(metric)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(directory / "results.png", buffer.getvalue())
+
+
+# ------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], exit_on_error=False)
+    parser.add_argument("sweep_file", nargs="?", type=Path)
+    parser.add_argument("--count", type=int, help="total trials (default: the whole grid)")
+    parser.add_argument("--workers", type=int, default=1, help="trials running at once")
+    parser.add_argument("--sweep_dir", type=Path, help="default: sweep_runs/<file name>")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the search algorithm")
+    parser.add_argument("--wandb", default="offline", choices=["online", "offline", "disabled"])
+    parser.add_argument("--report", type=Path, metavar="DIR", help="only write the report of DIR")
+    try:
+        args = parser.parse_args(argv)
+    except argparse.ArgumentError as err:
+        raise UsageError(str(err)) from None
+    if args.report is None and args.sweep_file is None:
+        raise UsageError("give a sweep file (or --report DIR)")
+    if args.count is not None and args.count < 1:
+        raise UsageError(f"--count={args.count}: must be >= 1")
+    if args.workers < 1:
+        raise UsageError(f"--workers={args.workers}: must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        if args.report is not None:
+            report(args.report)
+            return 0
+        spec = load_sweep_file(args.sweep_file)
+        directory = args.sweep_dir or Path("sweep_runs") / args.sweep_file.stem
+        run_sweep(spec, directory, args.count, args.workers, args.seed, args.wandb)
+        report(directory)
+        return 0
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume the sweep", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Linear autoencoders: PCA equivalence and the inductive bias of weight decay.
+
+Model: encoder W1 (k x m), decoder W2 (m x k), no biases, centred data. With the
+points as the columns of X (m x n) and C = X X^T / n, the objective is
+
+    L(W1, W2) = (1/n) ||X - W2 W1 X||_F^2 + lambda ||W1||_F^2 + lambda ||W2||_F^2
+
+i.e. the squared error SUMMED over the m coordinates and AVERAGED over points,
+plus the exact L2 penalty. The data term is the minibatch loss; the penalty is
+optax's `add_decayed_weights(2 lambda)` chained before the optimizer, so every
+step adds exactly 2 lambda W to each gradient (see training/optim.py). (A loss
+averaged over coordinates instead would scale the data term by 1/m and make
+the effective lambda m times larger; optax's l2_loss would add another 1/2.)
+
+Closed forms used in the report:
+  dL/dW1 = 2 W2^T (W2 W1 - I) C,   dL/dW2 = 2 (W2 W1 - I) C W1^T   (unregularised)
+  lambda = 0:  W1 = U_k^T, W2 = U_k (the top-k principal directions) is optimal;
+  lambda > 0:  W1 = W2^T = U_k diag(sigma) with sigma_i = sqrt(1 - lambda / s_i^2),
+               s_i^2 the top eigenvalues of C, and recon = PCA's + sum_i lambda^2 / s_i^2.
+Without weight decay only the product W2 W1 is determined: the "imbalance"
+W1 W1^T - W2^T W2 is conserved by gradient flow, so W2 need not be orthonormal.
+With it (plain SGD) the imbalance decays by (1 - 2 lr lambda)^2 per step, about
+exp(-4 lambda lr t).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from data import datasets
+from experiment.config import option
+from experiment.errors import UsageError
+from experiment.run import Run
+from training.config import TrainConfig
+from training.loop import Problem, fit
+from training.probe import pca_basis
+
+
+class LinearAutoencoder(nnx.Module):
+    """x -> W2 W1 x with W1 (k, m), W2 (m, k); rows are points: x_hat = x W1^T W2^T."""
+
+    def __init__(self, dim: int, latent_dim: int, init_scale: float, *, rngs: nnx.Rngs):
+        normal = nnx.initializers.normal(init_scale)
+        self.w1 = nnx.Param(normal(rngs.params(), (latent_dim, dim)))
+        self.w2 = nnx.Param(normal(rngs.params(), (dim, latent_dim)))
+
+    def __call__(self, x_BxM):
+        return x_BxM @ self.w1[...].T @ self.w2[...].T
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(TrainConfig):
+    dataset: Literal["synthetic", "mnist"] = option("synthetic", "which data")
+    mnist_dir: str | None = option(None, "directory of MNIST IDX files (else TFDS)")
+    data_dir: str | None = option(None, "TFDS data directory with a prepared MNIST")
+    num_train: int = option(10_000, "synthetic: points", min=1)
+    data_seed: int = option(0, "synthetic: seed of the data", min=0)
+    latent_dim: int = option(20, "k, the code size", min=1)
+    init_scale: float = option(0.1, "std of the Gaussian initial weights", gt=0)
+    lambda_grid: tuple[float, ...] = option(
+        (), "also train these weight decays and plot W2's singular values against lambda"
+    )
+    balance_tolerance: float = option(
+        1e-2, "imbalance ||W1 W1^T - W2^T W2||_F counted as balanced", gt=0
+    )
+    # defaults that reach the PCA subspace to ~0.1 degree (README / docs)
+    steps: int = option(20_000, "optimizer steps", min=1)
+    batch_size: int = option(100, "points per step (1: one point at a time)", min=1)
+    learning_rate: float = option(3e-3, "peak learning rate", gt=0)
+    lr_schedule: Literal["constant", "cosine"] = option("cosine", "cosine decays to 0")
+    eval_every: int = option(500, "steps between evaluations", min=1)
+
+    def check(self) -> None:
+        super().check()
+        dim = datasets.INPUT_DIM[self.dataset]
+        if self.latent_dim >= dim:
+            raise UsageError(
+                f"--latent_dim={self.latent_dim}: must be smaller than the data dimension ({dim})"
+            )
+        if any(lam < 0 for lam in self.lambda_grid):
+            raise UsageError("--lambda_grid: weight decays must be >= 0")
+
+
+@dataclasses.dataclass
+class Spectrum:
+    """The centred training data's second moment and its eigen-decomposition."""
+
+    mean: np.ndarray
+    basis: np.ndarray  # principal directions as rows, (m, m)
+    eigenvalues: np.ndarray  # of C = X X^T / n, descending
+    covariance: np.ndarray  # C, (m, m)
+
+
+def spectrum(x_train: np.ndarray) -> Spectrum:
+    mean, basis, eigenvalues = pca_basis(x_train)
+    centred = np.asarray(x_train - mean, np.float64)
+    return Spectrum(mean, basis, eigenvalues, centred.T @ centred / len(centred))
+
+
+def closed_form_gradients(w1, w2, c):
+    """(dL/dW1, dL/dW2) of the unregularised objective, from the closed forms."""
+    residual = w2 @ w1 - np.eye(c.shape[0])
+    return 2 * w2.T @ residual @ c, 2 * residual @ c @ w1.T
+
+
+def objective_data_term(w1, w2, c) -> float:
+    """(1/n)||X - W2 W1 X||_F^2 = tr((I - P) C (I - P)^T) with P = W2 W1."""
+    residual = np.eye(c.shape[0]) - w2 @ w1
+    return float(np.trace(residual @ c @ residual.T))
+
+
+def subspace_distance(w2: np.ndarray, top_k: np.ndarray) -> float:
+    """sin of the largest principal angle between span(W2) and span(top_k columns)."""
+    q, _ = np.linalg.qr(w2)
+    return float(np.linalg.norm(q - top_k @ (top_k.T @ q), ord=2))
+
+
+def predicted_singular_values(eigenvalues: np.ndarray, lam: float) -> np.ndarray:
+    """sqrt(1 - lambda / s_i^2) (0 where lambda >= s_i^2: that direction is switched off)."""
+    return np.sqrt(np.clip(1.0 - lam / eigenvalues, 0.0, None))
+
+
+def make_problem(cfg: Config, x_centred: np.ndarray, spec: Spectrum) -> Problem:
+    dim = x_centred.shape[1]
+    top_k = jnp.asarray(spec.basis[: cfg.latent_dim].T, jnp.float32)
+    c = jnp.asarray(spec.covariance, jnp.float32)
+
+    def loss_fn(model, batch, key):
+        del key
+        return jnp.mean(jnp.sum(jnp.square(model(batch["x"]) - batch["x"]), axis=1)), {}
+
+    def eval_fn(model, data):
+        del data  # everything follows from C
+        w1, w2 = model.w1[...], model.w2[...]
+        residual = jnp.eye(dim) - w2 @ w1
+        q, _ = jnp.linalg.qr(w2)
+        return {
+            "recon_mse": jnp.trace(residual @ c @ residual.T),
+            "subspace_distance": jnp.linalg.norm(q - top_k @ (top_k.T @ q), ord=2),
+            "orthonormality_error": jnp.linalg.norm(w2.T @ w2 - jnp.eye(cfg.latent_dim))
+            / cfg.latent_dim**0.5,
+            "imbalance": jnp.linalg.norm(w1 @ w1.T - w2.T @ w2),
+        }
+
+    return Problem(
+        make_model=lambda rngs: LinearAutoencoder(dim, cfg.latent_dim, cfg.init_scale, rngs=rngs),
+        loss_fn=loss_fn,
+        train_data={"x": x_centred.astype(np.float32)},
+        eval_data={"x": x_centred[:1].astype(np.float32)},
+        eval_fn=eval_fn,
+        divergence_hint=(
+            "The objective sums the squared error over all coordinates, so it needs a smaller "
+            "learning rate than a loss averaged over coordinates."
+        ),
+    )
+
+
+def analyse(cfg: Config, w1: np.ndarray, w2: np.ndarray, spec: Spectrum, history: list) -> dict:
+    """Every reported number for one trained (W1, W2)."""
+    k, c = cfg.latent_dim, spec.covariance
+    top_k = spec.basis[:k].T
+    pca_mse = float(spec.eigenvalues[k:].sum())
+    recon = objective_data_term(w1, w2, c)
+    g1, g2 = closed_form_gradients(w1, w2, c)
+    g1_opt, g2_opt = closed_form_gradients(top_k.T, top_k, c)
+    out = {
+        "subspace_distance": subspace_distance(w2, top_k),
+        "subspace_angle_degrees": float(
+            np.degrees(np.arcsin(min(1.0, subspace_distance(w2, top_k))))
+        ),
+        "recon_mse": recon,
+        "pca_recon_mse": pca_mse,
+        "recon_relative_gap": (recon - pca_mse) / pca_mse,
+        "grad_norm_W1": float(np.linalg.norm(g1)),
+        "grad_norm_W2": float(np.linalg.norm(g2)),
+        "pca_grad_norm_W1": float(np.linalg.norm(g1_opt)),
+        "pca_grad_norm_W2": float(np.linalg.norm(g2_opt)),
+        "orthonormality_error": float(np.linalg.norm(w2.T @ w2 - np.eye(k)) / np.sqrt(k)),
+        "imbalance": float(np.linalg.norm(w1 @ w1.T - w2.T @ w2)),
+        "w1_w2T_distance": float(np.linalg.norm(w1 - w2.T) / np.linalg.norm(w2)),
+        "singular_values_W1": np.linalg.svd(w1, compute_uv=False).tolist(),
+        "singular_values_W2": np.linalg.svd(w2, compute_uv=False).tolist(),
+    }
+    balanced = [h["step"] for h in history if h["imbalance"] < cfg.balance_tolerance]
+    out["steps_to_balance"] = balanced[0] if balanced else -1
+    out["imbalance_decay_per_step"] = imbalance_decay(history)
+    if cfg.optimizer == "sgd" and cfg.lr_schedule == "constant" and cfg.warmup_steps == 0:
+        # each step multiplies W1 W1^T - W2^T W2 by (1 - 2 lr lambda)^2 (heavy-ball: lr/(1-beta))
+        effective_lr = cfg.learning_rate / (1.0 - cfg.momentum)
+        out["predicted_imbalance_decay_per_step"] = float(
+            2 * np.log1p(-2 * effective_lr * cfg.weight_decay)
+        )
+    if cfg.weight_decay > 0:
+        predicted = predicted_singular_values(spec.eigenvalues[:k], cfg.weight_decay)
+        trained = np.sort(np.asarray(out["singular_values_W2"]))[::-1]
+        out["predicted_singular_values"] = predicted.tolist()
+        out["singular_value_gap"] = float(np.max(np.abs(trained - predicted)))
+        lam = cfg.weight_decay
+        out["predicted_recon_mse"] = pca_mse + float(
+            np.sum(
+                np.where(
+                    lam < spec.eigenvalues[:k], lam**2 / spec.eigenvalues[:k], spec.eigenvalues[:k]
+                )
+            )
+        )
+    return out
+
+
+def imbalance_decay(history: list) -> float:
+    """Least-squares slope of log ||W1 W1^T - W2^T W2||_F against the step, fitted while the
+    imbalance is above twice its final value (minibatch noise sets a floor under it)."""
+    steps = np.asarray([h["step"] for h in history], np.float64)
+    values = np.asarray([h["imbalance"] for h in history], np.float64)
+    keep = (values > 0) & (values > 2 * values[-1])
+    if keep.sum() < 2:
+        return float("nan")
+    return float(np.polyfit(steps[keep], np.log(values[keep]), 1)[0])
+
+
+def train_one(cfg: Config, run: Run, x_centred, spec, checkpoint_dir: str) -> tuple[dict, list]:
+    """(analysis of replica 0 plus the loop's timings, evaluation history)."""
+    result = fit(cfg, make_problem(cfg, x_centred, spec), run, checkpoint_dir=checkpoint_dir)
+    model = result.model(0 if result.num_seeds > 1 else None)
+    w1, w2 = (np.asarray(p[...], np.float64) for p in (model.w1, model.w2))
+    history = [_replica0(h) for h in result.history]
+    return {**analyse(cfg, w1, w2, spec, history), **result.stats}, history
+
+
+def _replica0(record: dict) -> dict:
+    return {k: v[0] if isinstance(v, list) else v for k, v in record.items()}
+
+
+def run(cfg: Config, run: Run) -> dict:
+    data = datasets.load(
+        cfg.dataset,
+        mnist_dir=cfg.mnist_dir,
+        data_dir=cfg.data_dir,
+        num_train=cfg.num_train,
+        data_seed=cfg.data_seed,
+    )
+    spec = spectrum(data.x_train)
+    x_centred = data.x_train - spec.mean
+    summary, history = train_one(cfg, run, x_centred, spec, "checkpoints")
+    print(
+        f"subspace distance {summary['subspace_distance']:.2e} "
+        f"({summary['subspace_angle_degrees']:.3f} deg); recon {summary['recon_mse']:.6f} vs PCA "
+        f"{summary['pca_recon_mse']:.6f} (gap {100 * summary['recon_relative_gap']:.4f}%)"
+    )
+    if cfg.weight_decay > 0:
+        print(f"largest gap to sqrt(1 - lambda/s_i^2): {summary['singular_value_gap']:.2e}")
+    grid = {}
+    for lam in cfg.lambda_grid:
+        lam_cfg = dataclasses.replace(cfg, weight_decay=lam, lambda_grid=())
+        grid[lam], _ = train_one(lam_cfg, run, x_centred, spec, f"checkpoints/lambda_{lam:g}")
+        summary.update({f"lambda_{lam:g}_{k}": v for k, v in grid[lam].items()})
+    plot_training(cfg, run, history)
+    plot_singular_values(cfg, run, spec, {cfg.weight_decay: summary, **grid})
+    return summary
+
+
+def plot_training(cfg: Config, run: Run, history: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
+    for ax, key, label in zip(
+        axes,
+        ("subspace_distance", "orthonormality_error", "imbalance"),
+        (
+            "sin(largest angle to PCA subspace)",
+            "||W2^T W2 - I||_F / sqrt(k)",
+            "||W1 W1^T - W2^T W2||_F",
+        ),
+        strict=True,
+    ):
+        ax.semilogy(steps, [max(h[key], 1e-12) for h in history])
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+    fig.suptitle(f"linear AE, k={cfg.latent_dim}, {cfg.optimizer}, lambda={cfg.weight_decay:g}")
+    run.save_figure(fig, "training")
+
+
+def plot_singular_values(cfg: Config, run: Run, spec: Spectrum, results: dict) -> None:
+    """W2's singular values against lambda: trained points, predicted curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eig = spec.eigenvalues[: cfg.latent_dim]
+    positive = [lam for lam in results if lam > 0]
+    hi = max([*positive, 0.1]) * 2
+    grid = np.geomspace(min([*positive, 1e-3]) / 2, hi, 200)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s2 in (eig.max(), eig.min()):
+        ax.plot(grid, np.sqrt(np.clip(1 - grid / s2, 0, None)), "-", color="0.6", lw=1)
+    for lam, res in results.items():
+        x = lam if lam > 0 else grid[0]
+        ax.plot(
+            [x] * len(res["singular_values_W2"]), res["singular_values_W2"], "o", ms=3, color="C0"
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("weight decay lambda (lambda = 0 drawn at the left edge)")
+    ax.set_ylabel("singular values of W2")
+    ax.set_title("trained (dots) vs sqrt(1 - lambda/s_i^2) for the largest/smallest s_i^2 (lines)")
+    run.save_figure(fig, "singular_values")

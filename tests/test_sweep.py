@@ -1,0 +1,201 @@
+"""Offline sweeps with W&B's search algorithms, and TensorBoard event contents."""
+
+import csv
+import glob
+import json
+import struct
+
+import pytest
+import yaml
+
+import sweep
+
+TINY = ["--steps=3", "--num_train=64", "--num_eval=16", "--batch_size=16", "--hidden_size=4",
+        "--seq_len=4", "--log_every=1"]  # fmt: skip
+
+
+def write_sweep(path, parameters, method="grid", metric="eval_loss", goal="minimize", extra=None):
+    spec = {
+        "program": "train.py",
+        "method": method,
+        "metric": {"name": metric, "goal": goal},
+        "parameters": parameters,
+        "command": [
+            "${env}",
+            "${interpreter}",
+            "${program}",
+            "--task=running_average",
+            *TINY,
+            "${args}",
+        ],
+        **(extra or {}),
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def run(tmp_path, *args):
+    return sweep.main([*map(str, args), "--wandb=disabled"])
+
+
+def results(directory):
+    with open(directory / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_grid_sweep_runs_every_combination_and_writes_a_sorted_table(tmp_path, capsys):
+    spec = write_sweep(
+        tmp_path / "s.yaml",
+        {"hidden_size": {"values": [2, 4]}, "cell": {"values": ["rnn", "lstm"]}},
+    )
+    assert run(tmp_path, spec, "--workers", 2, "--sweep_dir", tmp_path / "out") == 0
+    rows = results(tmp_path / "out")
+    assert len(rows) == 4 and all(r["status"] == "finished" for r in rows)
+    assert {(r["hidden_size"], r["cell"]) for r in rows} == {
+        ("2", "rnn"),
+        ("2", "lstm"),
+        ("4", "rnn"),
+        ("4", "lstm"),
+    }
+    values = [float(r["eval_loss"]) for r in rows]
+    assert values == sorted(values)
+    for r in rows:  # the table's numbers are the runs' own summaries
+        summary = json.loads((tmp_path / "out" / r["trial"] / "summary.json").read_text())
+        assert float(r["eval_loss"]) == pytest.approx(summary["eval_loss"], rel=1e-5)
+    assert "best (minimize eval_loss)" in capsys.readouterr().out
+    assert (tmp_path / "out" / "results.md").exists() and (
+        tmp_path / "out" / "results.png"
+    ).exists()
+
+
+@pytest.mark.parametrize("method", ["random", "bayes"])
+def test_random_and_bayes_respect_count_and_are_reproducible(tmp_path, method):
+    params = {"learning_rate": {"distribution": "log_uniform_values", "min": 1e-3, "max": 1e-1},
+              "cell": {"values": ["rnn", "lstm"]}}  # fmt: skip
+    spec = write_sweep(tmp_path / "s.yaml", params, method=method)
+    for name in ("a", "b"):
+        assert run(tmp_path, spec, "--count", 3, "--seed", 7, "--sweep_dir", tmp_path / name) == 0
+    a, b = results(tmp_path / "a"), results(tmp_path / "b")
+    assert len(a) == 3
+    assert sorted((r["learning_rate"], r["cell"]) for r in a) == sorted(
+        (r["learning_rate"], r["cell"]) for r in b
+    )
+
+
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
+    params = {"learning_rate": {"values": [0.01, 1e12]}, "activation": {"value": "relu"},
+              "init": {"value": "orthogonal"}, "optimizer": {"value": "sgd"}}  # fmt: skip
+    spec = write_sweep(tmp_path / "s.yaml", params)
+    assert run(tmp_path, spec, "--sweep_dir", tmp_path / "out") == 0
+    rows = {r["learning_rate"]: r for r in results(tmp_path / "out")}
+    assert rows["0.01"]["status"] == "finished"
+    assert rows["1000000000000.0"]["status"].startswith("failed: exit 1: non-finite loss")
+
+
+def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
+    spec = write_sweep(tmp_path / "s.yaml", {"hidden_size": {"values": [2, 3, 4]}})
+    out = tmp_path / "out"
+    assert run(tmp_path, spec, "--count", 2, "--sweep_dir", out) == 0
+    first = (out / "trial-000" / "summary.json").stat().st_mtime_ns
+    state = json.loads((out / "sweep_state.json").read_text())
+    state["trials"][1]["status"] = "running"  # as if the sweep was killed during trial-001
+    (out / "trial-001" / "summary.json").unlink()
+    (out / "sweep_state.json").write_text(json.dumps(state))
+    assert run(tmp_path, spec, "--sweep_dir", out) == 0
+    state = json.loads((out / "sweep_state.json").read_text())
+    assert [t["id"] for t in state["trials"]] == ["trial-000", "trial-001", "trial-002"]
+    assert [t["params"]["hidden_size"] for t in state["trials"]] == [2, 3, 4]
+    assert all(t["status"] == "finished" for t in state["trials"])
+    assert (out / "trial-000" / "summary.json").stat().st_mtime_ns == first  # not run twice
+    assert "resuming from checkpoint" in (out / "trial-001" / "trial.log").read_text()
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("method: grid\nparameters: [unclosed", "is not valid YAML"),
+        (None, "method 'anneal' is not supported"),
+        (
+            None,
+            "parameter 'hiden_size' is not an option of task running_average "
+            "(did you mean --hidden_size?)",
+        ),
+        (None, "--hidden_size='big': expected int"),
+        (None, "must contain --task=NAME"),
+        (None, "early_terminate (hyperband) is not supported"),
+    ],
+)
+def test_invalid_sweep_files_exit_2_before_running_anything(tmp_path, capsys, content, message):
+    path = tmp_path / "s.yaml"
+    if content is not None:
+        path.write_text(content)
+    elif "anneal" in message:
+        write_sweep(path, {"hidden_size": {"values": [2]}}, method="anneal")
+    elif "hiden_size" in message:
+        write_sweep(path, {"hiden_size": {"values": [2]}})
+    elif "big" in message:
+        write_sweep(path, {"hidden_size": {"values": [2, "big"]}})
+    elif "--task" in message:
+        spec = yaml.safe_load(write_sweep(path, {"hidden_size": {"values": [2]}}).read_text())
+        spec["command"] = ["${env}", "${interpreter}", "${program}", "${args}"]
+        path.write_text(yaml.safe_dump(spec))
+    else:
+        write_sweep(
+            path,
+            {"hidden_size": {"values": [2]}},
+            extra={"early_terminate": {"type": "hyperband", "min_iter": 3}},
+        )
+    assert run(tmp_path, path, "--sweep_dir", tmp_path / "out") == 2
+    assert message in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("trial-*"))
+
+
+def test_a_metric_the_task_never_reports_is_a_clear_error(tmp_path, capsys):
+    spec = write_sweep(tmp_path / "s.yaml", {"hidden_size": {"values": [2, 4]}}, metric="accuracy")
+    assert run(tmp_path, spec, "--sweep_dir", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "metric 'accuracy' is not in trial-000's summary.json" in err and "eval_loss" in err
+
+
+def read_events(workdir):
+    """(scalar tags, image tags, {hparams plugin tag: raw content}) of a run's event files."""
+    from tensorboardX.proto import event_pb2
+
+    scalars, images, plugins = set(), set(), {}
+    for path in glob.glob(str(workdir / "events.out.tfevents.*")):
+        with open(path, "rb") as f:
+            data, i = f.read(), 0
+        while i < len(data):
+            (length,) = struct.unpack("Q", data[i : i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12 : i + 12 + length])
+            i += 12 + length + 4
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "hparams":
+                    plugins[value.tag] = value.metadata.plugin_data.content
+                elif value.HasField("image"):
+                    images.add(value.tag)
+                elif value.HasField("simple_value"):
+                    scalars.add(value.tag)
+    return scalars, images, plugins
+
+
+def test_tensorboard_events_hold_scalars_images_and_hparams(train_cli, tmp_path):
+    assert train_cli("--task=running_average", *TINY, f"--workdir={tmp_path}")[0] == 0
+    scalars, images, plugins = read_events(tmp_path)
+    assert {"train_loss", "eval_loss", "eval_mse_last_step", "train_grad_norm"} <= scalars
+    assert {"predictions", "error_by_step", "eval_curve"} <= images
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(plugins)
+    start = plugins["_hparams_/session_start_info"]
+    assert b"hidden_size" in start and b"cell" in start
+    assert b"hparam/eval_loss" in plugins["_hparams_/experiment"]
+
+
+def test_offline_wandb_files_are_written_for_a_later_sync(train_cli, tmp_path):
+    pytest.importorskip("wandb")
+    assert (
+        train_cli("--task=running_average", *TINY, "--wandb=offline", f"--workdir={tmp_path}")[0]
+        == 0
+    )
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
