@@ -255,7 +255,8 @@ def plot_curve(run: Run, result: FitResult) -> None:
 def plot_reconstructions(
     cfg: Config, run: Run, model: Autoencoder, data: Data, count: int = 10
 ) -> None:
-    """reconstructions.png: test inputs, their corrupted versions, and the outputs."""
+    """reconstructions.png: test inputs, their corrupted versions, the outputs from those,
+    and (for denoising / masked) the outputs from the clean inputs, which recon_mse scores."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,8 +264,10 @@ def plot_reconstructions(
 
     x = jnp.asarray(data.x_test[:count])
     corrupted, _ = corrupt(cfg, model, x, jax.random.key(cfg.seed + 99), data.image_shape)
-    outputs = model(corrupted)
-    rows = [("input", x), (f"{cfg.kind} input", corrupted), ("output", outputs)]
+    rows = [("input", x)]
+    if cfg.kind != "vanilla":
+        rows += [(f"{cfg.kind} input", corrupted), ("output from it", model(corrupted))]
+    rows += [("output from clean input", model(x))]
     fig, axes = plt.subplots(len(rows), count, figsize=(1.2 * count, 1.3 * len(rows)))
     for r, (label, images) in enumerate(rows):
         for c in range(count):
