@@ -18,6 +18,7 @@ TASKS: dict[str, str] = {
     "running_average": "RNN / LSTM / stacked regression of the running mean (all or last step)",
     "scalar_rnn": "backprop through h_t = w (u_t + h_{t-1}): autodiff vs closed form vs edges",
     "grad_flow": "||dL/dh_t|| over time: vanishing / exploding gradients of one configuration",
+    "surnames": "character-level RNN / LSTM / GRU classifier: surname -> language (18 classes)",
     "autoencoder": "vanilla / denoising / masked MLP autoencoder + linear probe (synthetic, MNIST)",
     "linear_probe": "rebuild an encoder from its checkpoint alone and fit a linear probe",
     "latent_study": "autoencoders across latent sizes: recon and probe accuracy vs PCA, one figure",

@@ -1,0 +1,90 @@
+"""A character-level recurrent sequence classifier (e.g. surname -> language)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.recurrent import StackedRecurrent, symmetric_uniform
+
+
+def reverse_within_length(tokens_BxL: jax.Array, lengths_B: jax.Array) -> jax.Array:
+    """Each row's first `length` tokens reversed, padding left in place."""
+    steps = jnp.arange(tokens_BxL.shape[1])[None, :]
+    source = jnp.where(steps < lengths_B[:, None], lengths_B[:, None] - 1 - steps, steps)
+    return jnp.take_along_axis(tokens_BxL, source, axis=1)
+
+
+def dropout(key: jax.Array | None, x: jax.Array, rate: float) -> jax.Array:
+    """Inverted dropout (identity without a key or at rate 0)."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+class SequenceClassifier(nnx.Module):
+    """tokens (B, L) + lengths (B,) -> logits (B, C) from the top layer's last valid state.
+
+    Input: a learned embedding, or one-hot vectors. Padded steps are masked, so
+    they neither change the state nor the result. `bidirectional` adds a second
+    stack that reads each name backwards; the two final states are concatenated.
+    Dropout (training only, given a key) applies to the inputs and the final state.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        *,
+        input_kind: Literal["embedding", "onehot"] = "embedding",
+        embedding_dim: int = 64,
+        bidirectional: bool = False,
+        dropout_rate: float = 0.0,
+        rngs: nnx.Rngs,
+        **layer_kw,
+    ):
+        self.vocab_size, self.input_kind, self.dropout_rate = vocab_size, input_kind, dropout_rate
+        features = vocab_size if input_kind == "onehot" else embedding_dim
+        self.embed = (
+            nnx.Embed(vocab_size, embedding_dim, rngs=rngs) if input_kind == "embedding" else None
+        )
+        self.rnn = StackedRecurrent(features, hidden_size, num_layers, rngs=rngs, **layer_kw)
+        self.backward_rnn = (
+            StackedRecurrent(features, hidden_size, num_layers, rngs=rngs, **layer_kw)
+            if bidirectional
+            else None
+        )
+        width = hidden_size * (2 if bidirectional else 1)
+        bound = width**-0.5
+        self.head = nnx.Linear(
+            width,
+            num_classes,
+            kernel_init=symmetric_uniform(bound),
+            bias_init=symmetric_uniform(bound),
+            rngs=rngs,
+        )
+
+    def inputs(self, tokens_LxB: jax.Array) -> jax.Array:
+        if self.embed is None:
+            return jax.nn.one_hot(tokens_LxB, self.vocab_size)
+        return self.embed(tokens_LxB)
+
+    def _final_state(self, rnn, tokens_BxL, lengths_B, key):
+        mask_LxB = jnp.arange(tokens_BxL.shape[1])[:, None] < lengths_B[None, :]
+        x = dropout(key, self.inputs(tokens_BxL.T), self.dropout_rate)
+        return rnn(x, mask=mask_LxB, time_major=True)[-1].final[0]
+
+    def __call__(self, tokens_BxL: jax.Array, lengths_B: jax.Array, dropout_key=None) -> jax.Array:
+        keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
+        final = self._final_state(self.rnn, tokens_BxL, lengths_B, keys[0])
+        if self.backward_rnn is not None:
+            reversed_tokens = reverse_within_length(tokens_BxL, lengths_B)
+            backward = self._final_state(self.backward_rnn, reversed_tokens, lengths_B, keys[1])
+            final = jnp.concatenate([final, backward], axis=-1)
+        return self.head(dropout(keys[2], final, self.dropout_rate))

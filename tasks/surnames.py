@@ -1,0 +1,412 @@
+"""Surname -> language of origin: a character-level recurrent classifier.
+
+Training: python train.py --task=surnames [--data_dir=DIR] [--key=value ...]
+Inference from a trained workdir:
+    python -m tasks.surnames predict --workdir DIR [--top 3] [--json] NAME [NAME ...]
+    python -m tasks.surnames evaluate --workdir DIR --tsv FILE [--json]
+
+Data handling (normalisation, unknown characters, deduplication, the stratified
+80/10/10 split, the download) is in data/surnames.py. Early stopping keeps the
+parameters with the best validation accuracy (WORKDIR/best); test metrics are
+those of that model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from data import surnames as text
+from experiment.config import from_dict, option
+from experiment.errors import UsageError
+from experiment.run import Run, write_json_atomic
+from models.classifier import SequenceClassifier
+from training.checkpoints import read_config, restore_params
+from training.config import TrainConfig
+from training.loop import FitResult, Problem, fit
+from training.summary import replica_summary
+
+LABELS_FILE = "labels.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(TrainConfig):
+    data_dir: str | None = option(None, "directory of <Language>.txt files (default: download)")
+    split_seed: int = option(0, "seed of the stratified 80/10/10 split", min=0)
+    cell: Literal["rnn", "lstm", "gru"] = option("lstm", "recurrent cell")
+    num_layers: int = option(1, "stacked recurrent layers", min=1)
+    hidden_size: int = option(128, "hidden units per layer", min=1)
+    input: Literal["embedding", "onehot"] = option("embedding", "character input")
+    embedding_dim: int = option(64, "embedding size (input=embedding)", min=1)
+    bidirectional: bool = option(False, "also read each name backwards (two recurrent stacks)")
+    dropout: float = option(
+        0.3, "dropout on the inputs and the final state (training only)", min=0, lt=1
+    )
+    class_balanced: bool = option(
+        False,
+        "weight the loss by class frequency^-balance_power (trades accuracy for macro accuracy)",
+    )
+    balance_power: float = option(
+        1.0, "class_balanced: 1 = inverse frequency, 0.5 = inverse square root", gt=0, max=1
+    )
+    patience: int = option(
+        8, "evaluations without a better validation accuracy before stopping (0: never)", min=0
+    )
+    steps: int = option(6000, "maximum optimizer steps", min=1)
+    batch_size: int = option(64, "names per step", min=1)
+    learning_rate: float = option(3e-3, "peak learning rate", gt=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = option("adamw", "optimizer (optax)")
+    weight_decay: float = option(
+        0.05, "AdamW's decoupled weight decay (see --help of TrainConfig)", min=0
+    )
+    lr_schedule: Literal["constant", "cosine"] = option("cosine", "learning-rate schedule")
+    eval_every: int = option(225, "steps between validation evaluations (225 = one epoch)", min=1)
+    log_every: int = option(225, "steps between training logs", min=1)
+    checkpoint_every: int = option(2250, "steps between checkpoints", min=1)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """The encoded splits and what is needed to decode predictions."""
+
+    languages: list[str]
+    max_length: int
+    splits: dict[str, dict[str, np.ndarray]]  # train/val/test -> tokens, lengths, labels
+    names: dict[str, list[str]]
+    ambiguity: dict
+    notes: list[str]
+
+
+def prepare(cfg: Config) -> Prepared:
+    data = text.read_directory(text.locate(cfg.data_dir))
+    tokens, lengths = text.pad(data.names)
+    parts = dict(
+        zip(
+            ("train", "val", "test"),
+            text.stratified_split(data.labels, cfg.split_seed),
+            strict=True,
+        )
+    )
+    splits = {
+        k: {"tokens": tokens[idx], "lengths": lengths[idx], "labels": data.labels[idx]}
+        for k, idx in parts.items()
+    }
+    return Prepared(
+        languages=data.languages,
+        max_length=tokens.shape[1],
+        splits=splits,
+        names={k: [data.names[i] for i in idx] for k, idx in parts.items()},
+        ambiguity=text.ambiguity(data.names, data.labels, parts["train"], parts["test"]),
+        notes=data.notes,
+    )
+
+
+def make_model(cfg: Config, num_classes: int, rngs: nnx.Rngs) -> SequenceClassifier:
+    return SequenceClassifier(
+        text.VOCAB_SIZE,
+        num_classes,
+        cfg.hidden_size,
+        cfg.num_layers,
+        input_kind=cfg.input,
+        embedding_dim=cfg.embedding_dim,
+        bidirectional=cfg.bidirectional,
+        dropout_rate=cfg.dropout,
+        cell=cfg.cell,
+        impl="scan" if cfg.cell == "gru" else "fused",
+        rngs=rngs,
+    )
+
+
+def class_weights(labels: np.ndarray, num_classes: int, power: float = 1.0) -> np.ndarray:
+    """count_c^-power per class, scaled so the mean weight over the examples is 1."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.maximum(counts, 1) ** -power
+    return (weights / weights[labels].mean()).astype(np.float32)
+
+
+def classification_metrics(logits, labels, num_classes: int) -> dict[str, jax.Array]:
+    """Accuracy, macro accuracy (mean per-class recall over present classes), mean CE."""
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    onehot = jax.nn.one_hot(labels, num_classes)
+    per_class_count = onehot.sum(0)
+    recall = (onehot * correct[:, None]).sum(0) / jnp.maximum(per_class_count, 1)
+    present = per_class_count > 0
+    return {
+        "accuracy": correct.mean(),
+        "macro_accuracy": jnp.sum(recall * present) / jnp.sum(present),
+        "loss": optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(),
+    }
+
+
+def make_problem(cfg: Config, prepared: Prepared) -> Problem:
+    num_classes = len(prepared.languages)
+    weights = jnp.asarray(
+        class_weights(prepared.splits["train"]["labels"], num_classes, cfg.balance_power)
+        if cfg.class_balanced
+        else np.ones(num_classes, np.float32)
+    )
+
+    def loss_fn(model, batch, key):
+        logits = model(batch["tokens"], batch["lengths"], dropout_key=key)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        w = weights[batch["labels"]]
+        return jnp.sum(ce * w) / jnp.sum(w), {}
+
+    def eval_fn(model, data):
+        return classification_metrics(
+            model(data["tokens"], data["lengths"]), data["labels"], num_classes
+        )
+
+    return Problem(
+        make_model=lambda rngs: make_model(cfg, num_classes, rngs),
+        loss_fn=loss_fn,
+        train_data=prepared.splits["train"],
+        eval_data=prepared.splits["val"],
+        eval_fn=eval_fn,
+        select_metric="accuracy",
+        select_mode="max",
+        patience=cfg.patience,
+    )
+
+
+def predict_logits(
+    model: SequenceClassifier, tokens: np.ndarray, lengths: np.ndarray
+) -> np.ndarray:
+    forward = nnx.jit(lambda m, t, n: m(t, n))
+    return np.asarray(forward(model, jnp.asarray(tokens), jnp.asarray(lengths)))
+
+
+def per_class_recall(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.asarray(
+        [
+            np.mean(predictions[labels == c] == c) if np.any(labels == c) else np.nan
+            for c in range(num_classes)
+        ]
+    )
+
+
+def run(cfg: Config, run: Run) -> dict:
+    prepared = prepare(cfg)
+    for note in prepared.notes:
+        print(f"note: {note}")
+    sizes = {k: len(v["labels"]) for k, v in prepared.splits.items()}
+    print(
+        f"{len(prepared.languages)} languages; "
+        f"{sizes['train']:,} / {sizes['val']:,} / {sizes['test']:,} "
+        f"names; {prepared.ambiguity['names_in_several_languages']} names under several languages "
+        f"(test accuracy ceiling {prepared.ambiguity['test_accuracy_ceiling']:.4f})"
+    )
+    write_json_atomic(
+        run.workdir / LABELS_FILE,
+        {
+            "languages": prepared.languages,
+            "alphabet": text.ALPHABET,
+            "max_length": prepared.max_length,
+        },
+    )
+    result = fit(cfg, make_problem(cfg, prepared), run)
+    summary = evaluate_result(cfg, run, result, prepared)
+    return {**summary, **prepared.ambiguity, **result.stats}
+
+
+def evaluate_result(cfg: Config, run: Run, result: FitResult, prepared: Prepared) -> dict:
+    """Validation and test metrics of the selected model(s), per-class accuracy, confusion."""
+    num_classes = len(prepared.languages)
+    val = result.evaluate(prepared.splits["val"])
+    test = result.evaluate(prepared.splits["test"])
+    summary = {
+        **replica_summary(
+            {"accuracy": val["accuracy"], "macro_accuracy": val["macro_accuracy"]}, "val_"
+        ),
+        **replica_summary(
+            {"accuracy": test["accuracy"], "macro_accuracy": test["macro_accuracy"]}, "test_"
+        ),
+    }
+    model = result.model(0 if result.num_seeds > 1 else None)
+    split = prepared.splits["test"]
+    predictions = predict_logits(model, split["tokens"], split["lengths"]).argmax(-1)
+    recall = per_class_recall(predictions, split["labels"], num_classes)
+    summary.update(
+        {
+            f"test_accuracy_{lang}": float(r)
+            for lang, r in zip(prepared.languages, recall, strict=True)
+        }
+    )
+    print(
+        f"test accuracy {summary['test_accuracy']:.4f}, "
+        f"macro {summary['test_macro_accuracy']:.4f}, "
+        f"val accuracy {summary['val_accuracy']:.4f}"
+    )
+    plot_confusion(run, predictions, split["labels"], prepared.languages)
+    return summary
+
+
+def plot_confusion(
+    run: Run, predictions: np.ndarray, labels: np.ndarray, languages: list[str]
+) -> None:
+    """confusion_matrix.png: rows (true language) normalised to 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(languages)
+    counts = np.zeros((n, n))
+    np.add.at(counts, (labels, predictions), 1)
+    rows = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(0.45 * n + 2, 0.45 * n + 1.5))
+    image = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n))
+    ax.set_xticklabels(languages, rotation=90)
+    ax.set_yticks(range(n))
+    ax.set_yticklabels(languages)
+    ax.set_xlabel("predicted language")
+    ax.set_ylabel("true language")
+    for i in range(n):
+        for j in range(n):
+            if rows[i, j] >= 0.1:
+                ax.text(j, i, f"{rows[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if rows[i, j] > 0.5 else "black")  # fmt: skip
+    fig.colorbar(image, fraction=0.04)
+    ax.set_title("test set, rows normalised")
+    run.save_figure(fig, "confusion_matrix")
+
+
+# -------------------------------------------------------------------- inference
+
+
+@dataclasses.dataclass
+class Trained:
+    model: SequenceClassifier
+    languages: list[str]
+    max_length: int
+
+
+def load_trained(workdir: Path) -> Trained:
+    """The selected (best) model of a surnames workdir, or a UsageError saying what is missing."""
+    labels_file = workdir / LABELS_FILE
+    if not labels_file.exists():
+        raise UsageError(f"--workdir={workdir}: no {LABELS_FILE}; is it a trained surnames run?")
+    labels = json.loads(labels_file.read_text())
+    directory = workdir / "best" if (workdir / "best").is_dir() else workdir / "checkpoints"
+    step, saved = read_config(directory)
+    if saved.get("task") != "surnames":
+        raise UsageError(f"--workdir={workdir} holds a {saved.get('task')!r} run, not surnames")
+    cfg = from_dict(Config, saved["config"])
+    num_classes = len(labels["languages"])
+    graphdef, params_like = nnx.split(
+        nnx.eval_shape(lambda: make_model(cfg, num_classes, nnx.Rngs(0)))
+    )
+    if cfg.num_seeds > 1:
+        params_like = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct((cfg.num_seeds, *a.shape), a.dtype), params_like
+        )
+    params = restore_params(directory, step, params_like)
+    if cfg.num_seeds > 1:
+        params = jax.tree.map(lambda a: a[0], params)  # replica 0
+    return Trained(nnx.merge(graphdef, params), labels["languages"], labels["max_length"])
+
+
+def probabilities(trained: Trained, names: list[str]) -> np.ndarray:
+    tokens, lengths = text.pad(names, trained.max_length)
+    return np.asarray(jax.nn.softmax(predict_logits(trained.model, tokens, lengths), axis=-1))
+
+
+def predict_command(args) -> None:
+    if args.top < 1:
+        raise UsageError(f"--top={args.top}: must be >= 1")
+    trained = load_trained(Path(args.workdir))
+    probs = probabilities(trained, args.names)
+    top = min(args.top, len(trained.languages))
+    for name, p in zip(args.names, probs, strict=True):
+        best = np.argsort(-p)[:top]
+        ranked = [[trained.languages[i], round(float(p[i]), 6)] for i in best]
+        if args.json:
+            print(json.dumps({"name": name, "predictions": ranked}, ensure_ascii=False))
+        else:
+            print(f"{name}: " + ", ".join(f"{lang} ({prob:.3f})" for lang, prob in ranked))
+
+
+def read_tsv(path: Path, languages: list[str]) -> tuple[list[str], np.ndarray]:
+    """Names and label indices from `name<TAB>language` lines; UsageError on bad lines."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"--tsv={path}: cannot read ({err})") from None
+    names, labels = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2 or not parts[0].strip():
+            raise UsageError(
+                f"--tsv={path}, line {number}: expected name<TAB>language, got {line!r}"
+            )
+        name, language = parts[0].strip(), parts[1].strip()
+        if language not in languages:
+            raise UsageError(
+                f"--tsv={path}, line {number}: unknown language {language!r}; "
+                f"the model knows {', '.join(languages)}"
+            )
+        names.append(name)
+        labels.append(languages.index(language))
+    if not names:
+        raise UsageError(f"--tsv={path}: no name<TAB>language lines")
+    return names, np.asarray(labels, np.int32)
+
+
+def evaluate_command(args) -> None:
+    trained = load_trained(Path(args.workdir))
+    names, labels = read_tsv(Path(args.tsv), trained.languages)
+    predictions = probabilities(trained, names).argmax(-1)
+    recall = per_class_recall(predictions, labels, len(trained.languages))
+    result = {
+        "accuracy": float(np.mean(predictions == labels)),
+        "macro_accuracy": float(np.nanmean(recall)),
+        "n": len(names),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"accuracy {result['accuracy']:.4f}, macro accuracy {result['macro_accuracy']:.4f} "
+            f"(n={result['n']})"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.surnames", exit_on_error=False)
+    commands = parser.add_subparsers(dest="command", required=True)
+    predict = commands.add_parser("predict", help="top languages with probabilities for names")
+    predict.add_argument("--workdir", required=True)
+    predict.add_argument("--top", type=int, default=3)
+    predict.add_argument("--json", action="store_true")
+    predict.add_argument("names", nargs="+", metavar="NAME")
+    evaluate = commands.add_parser("evaluate", help="accuracy on a name<TAB>language file")
+    evaluate.add_argument("--workdir", required=True)
+    evaluate.add_argument("--tsv", required=True)
+    evaluate.add_argument("--json", action="store_true")
+    try:
+        args = parser.parse_args(argv)
+        (predict_command if args.command == "predict" else evaluate_command)(args)
+        return 0
+    except argparse.ArgumentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Surname classification: text handling, reading, splits, download, training, CLIs."""
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from data import surnames as text
+from experiment.errors import UsageError
+from tasks import surnames
+
+TINY = [
+    *("--hidden_size=32", "--embedding_dim=16", "--steps=300", "--eval_every=100"),
+    *("--log_every=100", "--checkpoint_every=300", "--batch_size=64", "--learning_rate=1e-2"),
+]
+
+
+def test_normalisation_unknown_characters_and_padding():
+    assert text.normalize("Šťastný") == "Stastny"
+    assert text.normalize("Gómez-Nüñez") == "Gomez-Nunez"
+    ids = text.encode("Aß'")
+    assert ids[0] == 2 + text.ALPHABET.index("A") and ids[1] == text.UNK and ids[2] > text.UNK
+    tokens, lengths = text.pad(["Ab", "Xyz", ""])
+    assert tokens.shape == (3, 3) and lengths.tolist() == [2, 3, 1]
+    assert tokens[0, 2] == text.PAD and tokens[2, 0] == text.UNK  # an empty name is one UNK
+
+
+def write_languages(directory, files: dict[str, bytes]):
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (directory / f"{name}.txt").write_bytes(content)
+    return directory
+
+
+def test_reading_skips_what_it_cannot_use_and_says_so(tmp_path):
+    d = write_languages(tmp_path / "names", {
+        "Alpha": b"Abe\n\nAbe\nAdams\n",  # a duplicate and an empty line
+        "Beta": b"Bo\n\xff\xfeBad\nBaker\n",  # one line is not UTF-8
+        "Gamma": b"\n\n",  # empty file
+    })  # fmt: skip
+    data = text.read_directory(d)
+    assert data.languages == ["Alpha", "Beta"]
+    assert sorted(zip(data.names, data.labels.tolist(), strict=True)) == [
+        ("Abe", 0), ("Adams", 0), ("Baker", 1), ("Bo", 1)]  # fmt: skip
+    assert any("Beta.txt: skipped 1 line" in n for n in data.notes)
+    assert any("Gamma.txt: no names" in n for n in data.notes)
+
+
+def test_too_few_languages_or_no_directory_is_an_error(tmp_path):
+    with pytest.raises(UsageError, match="need at least 2"):
+        text.read_directory(write_languages(tmp_path / "one", {"Only": b"Name\n", "Empty": b""}))
+    with pytest.raises(UsageError, match="not a directory"):
+        text.read_directory(tmp_path / "missing")
+
+
+def test_split_is_stratified_disjoint_and_reproducible():
+    labels = np.repeat(np.arange(3), [100, 50, 10])
+    train, val, test = text.stratified_split(labels, seed=1)
+    assert (
+        len(set(train) | set(val) | set(test)) == 160 and len(train) + len(val) + len(test) == 160
+    )
+    for c, n in enumerate([100, 50, 10]):
+        assert np.sum(labels[val] == c) == round(0.1 * n) == np.sum(labels[test] == c)
+    again = text.stratified_split(labels, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip((train, val, test), again, strict=True))
+
+
+def test_ambiguity_counts_names_under_several_languages():
+    names = ["Lee", "Lee", "Kim", "Roy", "Roy"]
+    labels = np.array([0, 1, 1, 0, 2])
+    stats = text.ambiguity(names, labels, train=np.array([0, 2, 3]), test=np.array([1, 4]))
+    assert stats["names_in_several_languages"] == 2
+    assert (
+        stats["test_accuracy_ceiling"] == 0.0
+    )  # both test names appear in train under another language
+
+
+def test_download_offline_and_bad_archive_give_clear_errors(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(text.urllib.request, "urlopen", offline)
+    with pytest.raises(UsageError, match=r"cannot download .* --data_dir=DIR"):
+        text.download(tmp_path / "cache")
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("data/names/English.txt", "Smith\n")
+
+    class Response(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(text.urllib.request, "urlopen", lambda *a, **k: Response(buffer.getvalue()))
+    with pytest.raises(UsageError, match="does not match the expected checksum"):
+        text.download(tmp_path / "cache")
+    assert not (tmp_path / "cache" / "names").exists()
+
+
+def test_shared_names_match_the_pinned_checksum(names_dir):
+    assert text.content_checksum(names_dir) == text.CONTENT_SHA256
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory, names_dir_module):
+    workdir = tmp_path_factory.mktemp("surnames") / "run"
+    import train
+
+    args = ["--task=surnames", f"--data_dir={names_dir_module}", *TINY, f"--workdir={workdir}"]
+    code = train.main([*args, "--wandb=disabled"])
+    assert code == 0
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def names_dir_module():
+    from tests.conftest import shared_data
+
+    return shared_data("names")
+
+
+def test_real_data_training_beats_the_majority_class(trained_workdir, names_dir_module):
+    s = json.loads((trained_workdir / "summary.json").read_text())
+    data = text.read_directory(names_dir_module)
+    _, _, test = text.stratified_split(data.labels, seed=0)
+    majority = np.bincount(data.labels[test]).max() / len(test)
+    assert s["test_accuracy"] > majority + 0.1
+    assert 0 < s["test_macro_accuracy"] < s["test_accuracy"]
+    assert s["names_in_several_languages"] == 469 and 0.9 < s["test_accuracy_ceiling"] < 1
+    assert len([k for k in s if k.startswith("test_accuracy_") and k[14:15].isupper()]) == 18
+    assert (trained_workdir / "confusion_matrix.png").stat().st_size > 20_000
+    assert (trained_workdir / "best").is_dir()
+
+
+def test_predict_cli(trained_workdir, capsys):
+    assert (
+        surnames.main(
+            ["predict", "--workdir", str(trained_workdir), "--top", "2", "Ivanov", "Nguyen"]
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("Ivanov: ") and lines[0].count("(") == 2
+    assert surnames.main(["predict", "--workdir", str(trained_workdir), "--json", "Dvořák"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["name"] == "Dvořák" and len(record["predictions"]) == 3
+    probs = [p for _, p in record["predictions"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6
+
+
+def test_evaluate_cli_and_its_errors(trained_workdir, tmp_path, capsys):
+    tsv = tmp_path / "names.tsv"
+    tsv.write_text("Ivanov\tRussian\nSmith\tEnglish\n\nRossi\tItalian\n")
+    assert (
+        surnames.main(["evaluate", "--workdir", str(trained_workdir), "--tsv", str(tsv), "--json"])
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 3 and 0 <= result["accuracy"] <= 1 and 0 <= result["macro_accuracy"] <= 1
+    tsv.write_text("Ivanov\tKlingon\n")
+    assert surnames.main(["evaluate", "--workdir", str(trained_workdir), "--tsv", str(tsv)]) == 2
+    assert "unknown language 'Klingon'" in capsys.readouterr().err
+    tsv.write_text("no tab here\n")
+    assert surnames.main(["evaluate", "--workdir", str(trained_workdir), "--tsv", str(tsv)]) == 2
+    assert "line 1: expected name<TAB>language" in capsys.readouterr().err
+    assert surnames.main(["predict", "--workdir", str(tmp_path), "X"]) == 2
+    assert "no labels.json" in capsys.readouterr().err
+
+
+def test_bad_surnames_input_exits_2(train_cli, tmp_path):
+    code, _, err = train_cli(
+        "--task=surnames", f"--data_dir={tmp_path / 'nope'}", f"--workdir={tmp_path / 'w'}"
+    )
+    assert code == 2 and "not a directory" in err
+    d = write_languages(tmp_path / "one", {"Only": b"Name\n"})
+    code, _, err = train_cli("--task=surnames", f"--data_dir={d}", f"--workdir={tmp_path / 'w2'}")
+    assert code == 2 and "need at least 2" in err
