@@ -26,6 +26,8 @@ RUN_OPTIONS = {
     "else offline: files in WORKDIR/wandb for `wandb sync`)",
     "compilation_cache": "true | false: JAX's persistent compilation cache in "
     "$RNNAE_CACHE_DIR or ~/.cache/rnnae/jax (default true)",
+    "distributed": "true | false: jax.distributed.initialize() for a multi-host run (coordinator "
+    "from the environment); only process 0 logs and writes files (default false)",
 }
 
 
@@ -75,6 +77,19 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", str(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def start_distributed() -> None:
+    """Join a multi-host JAX job (addresses from the environment, e.g. Slurm or Cloud TPU)."""
+    import jax
+
+    try:
+        jax.distributed.initialize()
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(
+            f"--distributed: jax.distributed.initialize() failed ({err}); set the coordinator "
+            "address, process count and id in the environment, or run without --distributed"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +142,8 @@ def start_run(task_name: str, cfg, run_opts: dict):
     wandb_mode = run_opts.get("wandb") or default_wandb_mode()
     if wandb_mode not in WANDB_MODES:
         raise UsageError(f"--wandb={wandb_mode!r}: choose one of {', '.join(WANDB_MODES)}")
+    if parse_bool("distributed", run_opts.get("distributed", "false")):
+        start_distributed()
     if parse_bool("compilation_cache", run_opts.get("compilation_cache", "true")):
         enable_compilation_cache()
     given = run_opts.get("workdir")

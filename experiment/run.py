@@ -105,17 +105,27 @@ def check_same_config(path: Path, task: str, config: Mapping[str, Any]) -> None:
         )
 
 
+def is_primary_process() -> bool:
+    """True on the process that logs and writes files (process 0 of a multi-host run)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
 class Run:
     """A run in progress: where it writes and how it logs."""
 
     def __init__(self, task: str, cfg: Config, workdir: Path, wandb_mode: str = "disabled"):
         self.task, self.cfg, self.workdir = task, cfg, workdir
         self.config_dict = to_dict(cfg)
+        self.primary = is_primary_process()
         check_same_config(workdir, task, self.config_dict)
-        write_json_atomic(workdir / CONFIG_FILE, {"task": task, "config": self.config_dict})
-        writers = [TensorBoardWriter(workdir)]
-        if wandb_mode != "disabled":
-            writers.append(WandbWriter(wandb_mode, workdir, task, self.config_dict))
+        writers = []
+        if self.primary:  # in a multi-host run only process 0 writes files and logs
+            write_json_atomic(workdir / CONFIG_FILE, {"task": task, "config": self.config_dict})
+            writers.append(TensorBoardWriter(workdir))
+            if wandb_mode != "disabled":
+                writers.append(WandbWriter(wandb_mode, workdir, task, self.config_dict))
         self.writers = MetricWriters(writers)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -128,22 +138,29 @@ class Run:
 
         import matplotlib.pyplot as plt
 
+        path = self.workdir / f"{name}.png"
+        if not self.primary:
+            plt.close(fig)
+            return path
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
-        path = self.workdir / f"{name}.png"
         write_bytes_atomic(path, buffer.getvalue())
         self.writers.image(name, path, step)
         return path
 
     def finish(self, summary: Mapping[str, Any]) -> None:
         """Write summary.json and the final hparams/summary to the writers."""
+        if not self.primary:
+            return
         write_json_atomic(self.workdir / SUMMARY_FILE, summary)
         (self.workdir / FAILURE_FILE).unlink(missing_ok=True)
         self.writers.hparams(self.config_dict, summary)
 
     def fail(self, message: str, exit_code: int) -> None:
         """Record why the run failed (for sweeps and reports); checkpoints are left as they were."""
+        if not self.primary:
+            return
         write_json_atomic(self.workdir / FAILURE_FILE, {"error": message, "exit_code": exit_code})
 
     def close(self) -> None:

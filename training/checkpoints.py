@@ -65,7 +65,16 @@ class Checkpoints:
 
 
 def _abstract(tree: Any) -> Any:
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    """Restore targets: shape, dtype and the placement to restore onto (the template's own
+    sharding, else the first local device), so a checkpoint written on another number
+    of devices still restores."""
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def target(x):
+        sharding = getattr(x, "sharding", None) or default
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree.map(target, tree)
 
 
 def read_config(checkpoint_dir: Path, step: int | None = None) -> tuple[int, dict]:

@@ -44,6 +44,11 @@ class TrainConfig(Config):
     steps_per_call: int = option(
         0, "train steps per jitted call, run in a lax.scan (0 = the backend's default)", min=0
     )
+    dtype: Literal["float32", "bfloat16"] = option(
+        "float32",
+        "compute dtype of the forward/backward pass (bfloat16: mixed precision for GPU/TPU; "
+        "parameters, optimizer state and loss stay float32)",
+    )
 
     def check(self) -> None:
         super().check()

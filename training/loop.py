@@ -34,6 +34,7 @@ from flax import nnx
 
 from experiment.errors import RunFailed, UsageError
 from experiment.run import Run
+from training import sharding
 from training.checkpoints import Checkpoints
 from training.config import TrainConfig
 from training.optim import make_optimizer
@@ -140,15 +141,33 @@ def init_train_state(problem: Problem, tx, cfg: TrainConfig) -> tuple[Any, Train
     return graphdef, lowered.compile({"xla_backend_optimization_level": 0})(seed_arg)
 
 
-def make_train_step(graphdef, problem: Problem, tx):
-    """One optimizer step with the NaN guard; pure, for use inside scan/vmap/jit."""
+def _cast_floats(tree, dtype):
+    def cast(x):
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree.map(cast, tree)
+
+
+def make_train_step(graphdef, problem: Problem, tx, *, compute_dtype=None, shard_batch=None):
+    """One optimizer step with the NaN guard; pure, for use inside scan/vmap/jit.
+
+    compute_dtype (e.g. bfloat16): parameters and batch are cast for the forward and
+    backward passes; the master parameters, optimizer state and loss stay float32.
+    shard_batch: a sharding constraint for the batch (data parallelism).
+    """
 
     def train_step(state: TrainState, data, idx_B):
         batch = problem.batch_fn(data, idx_B)
+        if shard_batch is not None:
+            batch = shard_batch(batch)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
 
         def objective(params):
-            return problem.loss_fn(nnx.merge(graphdef, params), batch, key)
+            if compute_dtype is None:
+                return problem.loss_fn(nnx.merge(graphdef, params), batch, key)
+            model = nnx.merge(graphdef, _cast_floats(params, compute_dtype))
+            loss, aux = problem.loss_fn(model, _cast_floats(batch, compute_dtype), key)
+            return loss.astype(jnp.float32), aux
 
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -280,14 +299,21 @@ def fit(
     """
     tx = make_optimizer(cfg)
     replicated = cfg.num_seeds > 1
+    mesh = sharding.data_mesh(cfg.batch_size, cfg.num_seeds)
     graphdef, state = init_train_state(problem, tx, cfg)
-    train_data = jax.device_put(problem.train_data)
-    eval_data = None if problem.eval_data is None else jax.device_put(problem.eval_data)
+    state = sharding.split_replicas(state, mesh, cfg.num_seeds)
+    train_data = sharding.replicate(problem.train_data, mesh)
+    eval_data = None if problem.eval_data is None else sharding.replicate(problem.eval_data, mesh)
     num_examples = jax.tree.leaves(train_data)[0].shape[0]
     samplers = [
         EpochSampler(num_examples, cfg.batch_size, cfg.seed + r) for r in range(cfg.num_seeds)
     ]
-    chunk = make_chunk(make_train_step(graphdef, problem, tx), replicated)
+    shard_batch = sharding.batch_constraint(mesh) if not replicated else None
+    compute_dtype = None if cfg.dtype == "float32" else jnp.dtype(cfg.dtype)
+    train_step = make_train_step(
+        graphdef, problem, tx, compute_dtype=compute_dtype, shard_batch=shard_batch
+    )
+    chunk = make_chunk(train_step, replicated)
     evaluate = make_evaluator(graphdef, problem.eval_fn, replicated)
     selector = _Selector(problem, state.params, cfg.num_seeds) if problem.select_metric else None
     if selector is not None and evaluate is None:
@@ -305,7 +331,7 @@ def fit(
     compile_seconds = 0.0
     pending: list[dict] = []
     last_saved = checkpoints.latest_step()
-    progress = Progress(cfg.steps, start=step, desc=desc or run.task)
+    progress = Progress(cfg.steps, start=step, desc=desc or run.task, enabled=run.primary)
     t_start = time.perf_counter()
     stopped_early = False
 
@@ -388,6 +414,8 @@ def fit(
         compile_seconds=compile_seconds,
         steps_per_second=progress.steps_per_second(step),
         steps_per_call=steps_per_call,
+        compilations=len(compiled),
+        devices=jax.device_count(),
     )
     if selector is not None:
         stats.update(best_step=selector.best_step.tolist(), stopped_early=stopped_early)

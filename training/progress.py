@@ -10,20 +10,27 @@ class Progress:
     """Shows step, loss and steps/s. Call `update(step, loss)` as often as convenient."""
 
     def __init__(
-        self, total: int, start: int = 0, desc: str = "train", min_interval_s: float = 5.0
+        self,
+        total: int,
+        start: int = 0,
+        desc: str = "train",
+        min_interval_s: float = 5.0,
+        enabled: bool = True,
     ):
-        self.total, self.desc = total, desc
+        self.total, self.desc, self.enabled = total, desc, enabled
         self._interactive = sys.stderr.isatty()
         self._min_interval = min_interval_s
         self._t0 = self._t_last = time.perf_counter()
         self._start = self._last_step = start
         self._bar = None
-        if self._interactive:
+        if self._interactive and enabled:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
 
     def update(self, step: int, loss: float | None = None, **extra: float) -> None:
+        if not self.enabled:
+            return
         fields = {} if loss is None else {"loss": f"{loss:.4g}"}
         fields.update({k: f"{v:.4g}" for k, v in extra.items()})
         if self._bar is not None:
