@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 import sweep
+from tests.conftest import REPO
 
 TINY = ["--steps=3", "--num_train=64", "--num_eval=16", "--batch_size=16", "--hidden_size=4",
         "--seq_len=4", "--log_every=1"]  # fmt: skip
@@ -199,3 +200,19 @@ def test_offline_wandb_files_are_written_for_a_later_sync(train_cli, tmp_path):
     )
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweep_files_are_valid(path):
+    spec = sweep.load_sweep_file(path)
+    task, _, _ = sweep.validate(spec)
+    assert task in {"running_average", "autoencoder", "linear_ae", "surnames"}
+    assert (
+        spec["command"][:3] == ["${env}", "${interpreter}", "${program}"]
+        and "${args}" in spec["command"]
+    )
+
+
+def test_sweeps_folder_has_no_init_so_the_sweeps_package_stays_importable():
+    assert not (REPO / "sweeps" / "__init__.py").exists()
+    assert sweep.import_sweeps().next_run is not None
