@@ -24,17 +24,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.layers import uniform_linear
+
 Activation = Literal["relu", "tanh", "gelu", "identity"]
 Init = Literal["pytorch", "lecun"]
 MaskFill = Literal["zero", "scaled", "token"]
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh, "gelu": jax.nn.gelu, "identity": lambda z: z}
-
-
-def _uniform(bound: float):
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 def dense(fan_in: int, fan_out: int, init: Init, rngs: nnx.Rngs) -> nnx.Linear:
@@ -42,10 +37,7 @@ def dense(fan_in: int, fan_out: int, init: Init, rngs: nnx.Rngs) -> nnx.Linear:
     nn.Linear default); init="lecun": Flax's default (LeCun-normal weights, zero bias)."""
     if init == "lecun":
         return nnx.Linear(fan_in, fan_out, rngs=rngs)
-    bound = fan_in**-0.5
-    return nnx.Linear(
-        fan_in, fan_out, kernel_init=_uniform(bound), bias_init=_uniform(bound), rngs=rngs
-    )
+    return uniform_linear(fan_in, fan_out, rngs)
 
 
 class MLP(nnx.Module):

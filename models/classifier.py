@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.recurrent import StackedRecurrent, symmetric_uniform
+from models.layers import uniform_linear
+from models.recurrent import StackedRecurrent
 
 
 def reverse_within_length(tokens_BxL: jax.Array, lengths_B: jax.Array) -> jax.Array:
@@ -60,15 +61,7 @@ class SequenceClassifier(nnx.Module):
             if bidirectional
             else None
         )
-        width = hidden_size * (2 if bidirectional else 1)
-        bound = width**-0.5
-        self.head = nnx.Linear(
-            width,
-            num_classes,
-            kernel_init=symmetric_uniform(bound),
-            bias_init=symmetric_uniform(bound),
-            rngs=rngs,
-        )
+        self.head = uniform_linear(hidden_size * (2 if bidirectional else 1), num_classes, rngs)
 
     def inputs(self, tokens_LxB: jax.Array) -> jax.Array:
         if self.embed is None:

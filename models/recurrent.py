@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import recurrent_ops as ops
+from models.layers import symmetric_uniform, uniform_linear
 
 Cell = Literal["rnn", "lstm", "gru"]
 Activation = Literal["tanh", "relu", "identity"]
@@ -30,15 +31,6 @@ class RecurrentOutput(NamedTuple):
     hs: jax.Array  # (B, T, H), or (T, B, H) when time_major
     cs: jax.Array | None  # LSTM cell states, same layout; None for RNN/GRU
     final: tuple[jax.Array, ...]  # (h_T,) or (h_T, C_T), each (B, H)
-
-
-def symmetric_uniform(scale: float):
-    """U(-scale, scale): PyTorch's default for recurrent weights with scale = 1/sqrt(H)."""
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -scale, scale)
-
-    return init
 
 
 def blockwise_orthogonal(blocks: int):
@@ -236,14 +228,7 @@ class SequenceRegressor(nnx.Module):
         **layer_kw,
     ):
         self.rnn = StackedRecurrent(in_features, hidden_size, num_layers, rngs=rngs, **layer_kw)
-        bound = hidden_size**-0.5
-        self.head = nnx.Linear(
-            hidden_size,
-            out_features,
-            kernel_init=symmetric_uniform(bound),
-            bias_init=symmetric_uniform(bound),
-            rngs=rngs,
-        )
+        self.head = uniform_linear(hidden_size, out_features, rngs)
 
     def __call__(self, x_BxTxD: jax.Array, mask_BxT: jax.Array | None = None, **perturbations):
         """Predictions (B, T, out_features) for every timestep."""

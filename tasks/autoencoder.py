@@ -28,7 +28,7 @@ from experiment.run import Run
 from models.autoencoders import Autoencoder, add_noise, apply_mask, random_mask
 from training.config import TrainConfig
 from training.loop import FitResult, Problem, fit
-from training.probe import linear_probe, pca_basis, pca_reconstruction_mse
+from training.probe import ProbeResult, linear_probe, pca_basis, pca_reconstruction_mse
 from training.summary import replica_summary
 
 DEFAULT_STEPS = TrainConfig.steps
@@ -175,18 +175,23 @@ def reconstruction_mse(model: Autoencoder, x: np.ndarray) -> float:
     return float(np.mean((np.asarray(recon(model, jnp.asarray(x))) - x) ** 2))
 
 
-def probe_model(cfg: Config, model: Autoencoder, data: Data) -> dict[str, float]:
-    """Probe accuracies and reconstruction error of one model."""
-    result = linear_probe(
-        encode(model, data.x_train),
+def probe_features(cfg: Options, data: Data, train_features, test_features) -> ProbeResult:
+    """The configured linear probe on given features of the train and test sets."""
+    return linear_probe(
+        train_features,
         data.y_train,
-        encode(model, data.x_test),
+        test_features,
         data.y_test,
         num_classes=data.num_classes,
         l2=cfg.probe_l2,
         standardize_features=cfg.probe_standardize,
         iterations=cfg.probe_iterations,
     )
+
+
+def probe_model(cfg: Options, model: Autoencoder, data: Data) -> dict[str, float]:
+    """Probe accuracies and reconstruction error of one model."""
+    result = probe_features(cfg, data, encode(model, data.x_train), encode(model, data.x_test))
     return {
         "recon_mse": reconstruction_mse(model, data.x_test),
         "probe_accuracy": result.test_accuracy,

@@ -19,7 +19,7 @@ from experiment.errors import UsageError
 from experiment.run import Run
 from tasks import autoencoder
 from training.loop import fit
-from training.probe import linear_probe, pca_basis, pca_features, pca_reconstruction_mse
+from training.probe import pca_basis, pca_features, pca_reconstruction_mse
 
 DEFAULT_SIZES = {"synthetic": (5, 20, 100, 200), "mnist": (8, 32, 64, 128)}
 
@@ -44,15 +44,11 @@ class Config(autoencoder.Options):
 def pca_reference(data: autoencoder.Data, k: int, cfg: Config) -> dict[str, float]:
     mean, basis, _ = pca_basis(data.x_train)
     k = min(k, basis.shape[0])
-    probe = linear_probe(
+    probe = autoencoder.probe_features(
+        cfg,
+        data,
         pca_features(data.x_train, mean, basis, k),
-        data.y_train,
         pca_features(data.x_test, mean, basis, k),
-        data.y_test,
-        num_classes=data.num_classes,
-        l2=cfg.probe_l2,
-        standardize_features=cfg.probe_standardize,
-        iterations=cfg.probe_iterations,
     )
     return {
         "recon_mse": pca_reconstruction_mse(data.x_test, mean, basis, k),
