@@ -162,17 +162,25 @@ def training_config(cfg: Config, num_train: int) -> Config:
     return dataclasses.replace(cfg, steps=steps, epochs=0)
 
 
+@nnx.jit
+def _encode(model: Autoencoder, x):
+    return model.encode(x)
+
+
+@nnx.jit
+def _reconstruct(model: Autoencoder, x):
+    return model(x)
+
+
 def encode(model: Autoencoder, x: np.ndarray, rows: int = 4096) -> np.ndarray:
     """Encoder features in chunks (float32 numpy)."""
-    encoder = nnx.jit(lambda m, xb: m.encode(xb))
     return np.concatenate(
-        [np.asarray(encoder(model, jnp.asarray(x[i : i + rows]))) for i in range(0, len(x), rows)]
+        [np.asarray(_encode(model, jnp.asarray(x[i : i + rows]))) for i in range(0, len(x), rows)]
     )
 
 
 def reconstruction_mse(model: Autoencoder, x: np.ndarray) -> float:
-    recon = nnx.jit(lambda m, xb: m(xb))
-    return float(np.mean((np.asarray(recon(model, jnp.asarray(x))) - x) ** 2))
+    return float(np.mean((np.asarray(_reconstruct(model, jnp.asarray(x))) - x) ** 2))
 
 
 def probe_features(cfg: Options, data: Data, train_features, test_features) -> ProbeResult:

@@ -106,20 +106,9 @@ def plot_study(cfg: Config, run: Run, rows: dict) -> None:
         "pca": "PCA (optimal linear)",
     }
     for source, (style, color) in styles.items():
-        ax_r.plot(
-            sizes,
-            [rows[k][source]["recon_mse"] for k in sizes],
-            style,
-            color=color,
-            label=names[source],
-        )
-        ax_p.plot(
-            sizes,
-            [rows[k][source]["probe_accuracy"] for k in sizes],
-            style,
-            color=color,
-            label=names[source],
-        )
+        for ax, metric in ((ax_r, "recon_mse"), (ax_p, "probe_accuracy")):
+            values = [rows[k][source][metric] for k in sizes]
+            ax.plot(sizes, values, style, color=color, label=names[source])
     for ax in (ax_r, ax_p):
         ax.set_xscale("log")
         ax.set_xticks(sizes)

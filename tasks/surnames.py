@@ -179,11 +179,15 @@ def make_problem(cfg: Config, prepared: Prepared) -> Problem:
     )
 
 
+@nnx.jit
+def _logits(model: SequenceClassifier, tokens, lengths):
+    return model(tokens, lengths)
+
+
 def predict_logits(
     model: SequenceClassifier, tokens: np.ndarray, lengths: np.ndarray
 ) -> np.ndarray:
-    forward = nnx.jit(lambda m, t, n: m(t, n))
-    return np.asarray(forward(model, jnp.asarray(tokens), jnp.asarray(lengths)))
+    return np.asarray(_logits(model, jnp.asarray(tokens), jnp.asarray(lengths)))
 
 
 def per_class_recall(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:

@@ -428,7 +428,7 @@ def fit(
         cfg.num_seeds,
         history,
         stats,
-        make_evaluator(graphdef, problem.eval_fn, replicated),
+        evaluate,  # the same compiled evaluator the loop used
     )
 
 
