@@ -8,7 +8,8 @@ runs here in PyTorch (outside the project's dependencies; skipped without
 torch) on our training split and is scored on our test split. Ours is
 `python train.py --task=surnames` with its defaults, run as a subprocess.
 
-    .bench-venv/bin/python benchmarks/surnames_classic.py [--data_dir DIR] [--seeds 0,1,2]
+    .bench-venv/bin/python benchmarks/surnames_classic.py [--data_dir DIR] [--seeds 0,1,2] \
+        [--ours "OPTIONS" ...]
 """
 
 from __future__ import annotations
@@ -91,21 +92,30 @@ def main() -> None:
     parser.add_argument("--data_dir", type=Path, default=REPO.parent / "shared" / "data" / "names")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--classic_steps", type=int, default=100_000)
-    parser.add_argument("--ours", default="", help="extra options for our run, space-separated")
+    parser.add_argument(
+        "--ours",
+        action="append",
+        help="extra options of one of our configurations, space-separated; repeat to compare "
+        "several in the same run (default: one run with the defaults)",
+    )
     args = parser.parse_args()
+    configs = args.ours or [""]
+    names = [f"ours {c}".strip() for c in configs]
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        rows.append(("ours", seed, ours(args.data_dir, seed, args.ours.split())))
+        count = len(rows)
+        for name, extra in zip(names, configs, strict=True):
+            rows.append((name, seed, ours(args.data_dir, seed, extra.split())))
         try:
             rows.append(("classic", seed, classic(args.data_dir, seed, args.classic_steps)))
         except ImportError:
             print("torch is not installed: the classic recipe is skipped", file=sys.stderr)
-        for name, s, r in rows[-2:]:
+        for name, s, r in rows[count:]:
             print(
-                f"{name:8s} seed {s}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items()),
+                f"{name} seed {s}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items()),
                 flush=True,
             )
-    for name in ("ours", "classic"):
+    for name in (*names, "classic"):
         results = [r for n, _, r in rows if n == name]
         if results:
             summary = {}
@@ -114,7 +124,7 @@ def main() -> None:
                 spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
                 summary[k] = (np.mean(values), spread)
             text_ = ", ".join(f"{k} {m:.4f} +- {s:.4f}" for k, (m, s) in summary.items())
-            print(f"{name:8s} mean +- std over {len(results)} seeds: {text_}")
+            print(f"{name} mean +- std over {len(results)} seeds: {text_}")
 
 
 if __name__ == "__main__":

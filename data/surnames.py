@@ -32,6 +32,7 @@ import string
 import unicodedata
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,26 @@ def pad(names: list[str], length: int | None = None) -> tuple[np.ndarray, np.nda
     for i, e in enumerate(encoded):
         tokens[i, : len(e)] = e
     return tokens, np.asarray([len(e) for e in encoded], np.int32)
+
+
+def ngram_ids(names: list[str], max_n: int, buckets: int, width: int | None = None) -> np.ndarray:
+    """Hashed character n-grams (n = 1..max_n) of each name, (N, M) int32, 0 = padding.
+
+    Names are normalised and lower-cased and framed by boundary marks ("^ab$"),
+    so prefixes and suffixes get n-grams of their own. Each n-gram maps to a
+    bucket in 1..buckets-1 by CRC-32 (stable across processes and machines).
+    M is the largest count unless `width` is given (longer lists are truncated).
+    """
+    rows = []
+    for name in names:
+        framed = "^" + normalize(name).lower() + "$"
+        grams = [framed[i : i + n] for n in range(1, max_n + 1) for i in range(len(framed) - n + 1)]
+        rows.append([1 + zlib.crc32(g.encode()) % (buckets - 1) for g in grams if g not in "^$"])
+    width = width or max(len(r) for r in rows)
+    ids = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, : min(len(r), width)] = r[:width]
+    return ids
 
 
 def ambiguity(names: list[str], labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> dict:

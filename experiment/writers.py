@@ -86,6 +86,9 @@ class TensorBoardWriter:
         self._writer.close()
 
 
+STEP_KEY = "train_step"
+
+
 class WandbWriter:
     """A W&B run whose files live in WORKDIR/wandb."""
 
@@ -113,14 +116,19 @@ class WandbWriter:
                 config=dict(config, task=task),
                 settings=wandb.Settings(silent=True, disable_git=True),
             )
+            # Our step is a logged metric, not W&B's own monotonic step: tasks that
+            # train several models in one run (latent_study, grad_flow_compare) log
+            # from step 0 again, which W&B's step would drop.
+            self._run.define_metric(STEP_KEY)
+            self._run.define_metric("*", step_metric=STEP_KEY)
 
     def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
         if self._run is not None:
-            self._run.log(_finite_scalars(metrics), step=step)
+            self._run.log({**_finite_scalars(metrics), STEP_KEY: step})
 
     def image(self, name: str, png: Path, step: int) -> None:
         if self._run is not None:
-            self._run.log({name: self._wandb.Image(str(png))}, step=step)
+            self._run.log({name: self._wandb.Image(str(png)), STEP_KEY: step})
 
     def hparams(self, config: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
         if self._run is not None:

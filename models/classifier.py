@@ -34,6 +34,13 @@ class SequenceClassifier(nnx.Module):
     they neither change the state nor the result. `bidirectional` adds a second
     stack that reads each name backwards; the two final states are concatenated.
     Dropout (training only, given a key) applies to the inputs and the final state.
+
+    `ngram_buckets > 0` adds a bag of hashed character n-grams (ids (B, M), 0 =
+    padding, see data/surnames.ngram_ids): their embeddings, averaged, are
+    concatenated with the recurrent state before the output layer. The
+    recurrent layer reads the order of the characters; the bag gives the head
+    direct access to the sub-strings (suffixes such as "-ov", "-ski") that
+    linear n-gram classifiers are strong on.
     """
 
     def __init__(
@@ -47,6 +54,8 @@ class SequenceClassifier(nnx.Module):
         embedding_dim: int = 64,
         bidirectional: bool = False,
         dropout_rate: float = 0.0,
+        ngram_buckets: int = 0,
+        ngram_dim: int = 64,
         rngs: nnx.Rngs,
         **layer_kw,
     ):
@@ -61,7 +70,11 @@ class SequenceClassifier(nnx.Module):
             if bidirectional
             else None
         )
-        self.head = uniform_linear(hidden_size * (2 if bidirectional else 1), num_classes, rngs)
+        self.ngram_embed = (
+            nnx.Embed(ngram_buckets, ngram_dim, rngs=rngs) if ngram_buckets > 0 else None
+        )
+        head_in = hidden_size * (2 if bidirectional else 1) + (ngram_dim if ngram_buckets else 0)
+        self.head = uniform_linear(head_in, num_classes, rngs)
 
     def inputs(self, tokens_LxB: jax.Array) -> jax.Array:
         if self.embed is None:
@@ -73,11 +86,23 @@ class SequenceClassifier(nnx.Module):
         x = dropout(key, self.inputs(tokens_BxL.T), self.dropout_rate)
         return rnn(x, mask=mask_LxB, time_major=True)[-1].final[0]
 
-    def __call__(self, tokens_BxL: jax.Array, lengths_B: jax.Array, dropout_key=None) -> jax.Array:
+    def ngram_features(self, ngrams_BxM: jax.Array) -> jax.Array:
+        """Mean embedding of the non-padding n-gram ids of each row."""
+        valid = (ngrams_BxM > 0).astype(jnp.float32)[..., None]
+        total = jnp.sum(self.ngram_embed(ngrams_BxM) * valid, axis=1)
+        return total / jnp.maximum(jnp.sum(valid, axis=1), 1.0)
+
+    def __call__(
+        self, tokens_BxL: jax.Array, lengths_B: jax.Array, ngrams_BxM=None, dropout_key=None
+    ) -> jax.Array:
+        if (self.ngram_embed is None) != (ngrams_BxM is None):
+            raise ValueError("pass n-gram ids exactly when the model has ngram_buckets > 0")
         keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
         final = self._final_state(self.rnn, tokens_BxL, lengths_B, keys[0])
         if self.backward_rnn is not None:
             reversed_tokens = reverse_within_length(tokens_BxL, lengths_B)
             backward = self._final_state(self.backward_rnn, reversed_tokens, lengths_B, keys[1])
             final = jnp.concatenate([final, backward], axis=-1)
+        if self.ngram_embed is not None:
+            final = jnp.concatenate([final, self.ngram_features(ngrams_BxM)], axis=-1)
         return self.head(dropout(keys[2], final, self.dropout_rate))

@@ -50,19 +50,33 @@ class Config(TrainConfig):
     embedding_dim: int = option(64, "embedding size (input=embedding)", min=1)
     bidirectional: bool = option(False, "also read each name backwards (two recurrent stacks)")
     dropout: float = option(
-        0.3, "dropout on the inputs and the final state (training only)", min=0, lt=1
+        0.5, "dropout on the inputs and the final state (training only)", min=0, lt=1
+    )
+    ngram_buckets: int = option(
+        16384, "hashed character n-gram buckets whose bag feeds the head (0: off)", min=0
+    )
+    ngram_max: int = option(4, "longest character n-gram (ngram_buckets > 0)", min=1)
+    ngram_dim: int = option(64, "n-gram embedding size (ngram_buckets > 0)", min=1)
+    label_smoothing: float = option(
+        0.1, "mix the one-hot targets with the uniform distribution by this much", min=0, lt=1
     )
     class_balanced: bool = option(
         False,
-        "weight the loss by class frequency^-balance_power (trades accuracy for macro accuracy)",
+        "train for macro accuracy (see balance_method); selects the best model by validation "
+        "macro accuracy",
+    )
+    balance_method: Literal["reweight", "logit_adjust"] = option(
+        "logit_adjust",
+        "class_balanced: reweight = loss weights frequency^-balance_power; logit_adjust = "
+        "cross-entropy of logits + balance_power * log(frequency) (Menon et al. 2021)",
     )
     balance_power: float = option(
-        1.0, "class_balanced: 1 = inverse frequency, 0.5 = inverse square root", gt=0, max=1
+        1.0, "class_balanced: strength (1 = full inverse frequency / full adjustment)", gt=0, max=1
     )
     patience: int = option(
         8, "evaluations without a better validation accuracy before stopping (0: never)", min=0
     )
-    steps: int = option(6000, "maximum optimizer steps", min=1)
+    steps: int = option(3000, "maximum optimizer steps (the cosine schedule's length)", min=1)
     batch_size: int = option(64, "names per step", min=1)
     learning_rate: float = option(3e-3, "peak learning rate", gt=0)
     optimizer: Literal["adam", "adamw", "sgd"] = option("adamw", "optimizer (optax)")
@@ -87,9 +101,26 @@ class Prepared:
     notes: list[str]
 
 
+def encode_names(cfg: Config, names: list[str], max_length: int | None = None) -> dict:
+    """Model inputs of names: tokens and lengths, plus hashed n-gram ids when enabled."""
+    tokens, lengths = text.pad(names, max_length)
+    inputs = {"tokens": tokens, "lengths": lengths}
+    if cfg.ngram_buckets:
+        width = ngram_width(cfg, tokens.shape[1])
+        inputs["ngrams"] = text.ngram_ids(names, cfg.ngram_max, cfg.ngram_buckets, width)
+    return inputs
+
+
+def ngram_width(cfg: Config, max_length: int) -> int:
+    """How many n-grams a name of max_length characters has (the padded width)."""
+    framed = max_length + 2
+    return sum(framed - n + 1 for n in range(1, cfg.ngram_max + 1)) - 2
+
+
 def prepare(cfg: Config) -> Prepared:
     data = text.read_directory(text.locate(cfg.data_dir))
-    tokens, lengths = text.pad(data.names)
+    inputs = encode_names(cfg, data.names)
+    max_length = inputs["tokens"].shape[1]
     parts = dict(
         zip(
             ("train", "val", "test"),
@@ -98,12 +129,12 @@ def prepare(cfg: Config) -> Prepared:
         )
     )
     splits = {
-        k: {"tokens": tokens[idx], "lengths": lengths[idx], "labels": data.labels[idx]}
+        k: {**{name: v[idx] for name, v in inputs.items()}, "labels": data.labels[idx]}
         for k, idx in parts.items()
     }
     return Prepared(
         languages=data.languages,
-        max_length=tokens.shape[1],
+        max_length=max_length,
         splits=splits,
         names={k: [data.names[i] for i in idx] for k, idx in parts.items()},
         ambiguity=text.ambiguity(data.names, data.labels, parts["train"], parts["test"]),
@@ -121,6 +152,8 @@ def make_model(cfg: Config, num_classes: int, rngs: nnx.Rngs) -> SequenceClassif
         embedding_dim=cfg.embedding_dim,
         bidirectional=cfg.bidirectional,
         dropout_rate=cfg.dropout,
+        ngram_buckets=cfg.ngram_buckets,
+        ngram_dim=cfg.ngram_dim,
         cell=cfg.cell,
         impl="scan" if cfg.cell == "gru" else "fused",
         rngs=rngs,
@@ -132,6 +165,12 @@ def class_weights(labels: np.ndarray, num_classes: int, power: float = 1.0) -> n
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     weights = np.maximum(counts, 1) ** -power
     return (weights / weights[labels].mean()).astype(np.float32)
+
+
+def log_prior(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """log of each class's training frequency (absent classes count once)."""
+    counts = np.maximum(np.bincount(labels, minlength=num_classes), 1).astype(np.float64)
+    return np.log(counts / counts.sum()).astype(np.float32)
 
 
 def classification_metrics(logits, labels, num_classes: int) -> dict[str, jax.Array]:
@@ -150,21 +189,32 @@ def classification_metrics(logits, labels, num_classes: int) -> dict[str, jax.Ar
 
 def make_problem(cfg: Config, prepared: Prepared) -> Problem:
     num_classes = len(prepared.languages)
+    train_labels = prepared.splits["train"]["labels"]
+    reweight = cfg.class_balanced and cfg.balance_method == "reweight"
+    adjust = cfg.class_balanced and cfg.balance_method == "logit_adjust"
     weights = jnp.asarray(
-        class_weights(prepared.splits["train"]["labels"], num_classes, cfg.balance_power)
-        if cfg.class_balanced
+        class_weights(train_labels, num_classes, cfg.balance_power)
+        if reweight
         else np.ones(num_classes, np.float32)
+    )
+    offsets = jnp.asarray(
+        cfg.balance_power * log_prior(train_labels, num_classes)
+        if adjust
+        else np.zeros(num_classes, np.float32)
     )
 
     def loss_fn(model, batch, key):
-        logits = model(batch["tokens"], batch["lengths"], dropout_key=key)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        logits = model(batch["tokens"], batch["lengths"], batch.get("ngrams"), dropout_key=key)
+        targets = optax.smooth_labels(
+            jax.nn.one_hot(batch["labels"], num_classes), cfg.label_smoothing
+        )
+        ce = optax.softmax_cross_entropy(logits + offsets, targets)
         w = weights[batch["labels"]]
         return jnp.sum(ce * w) / jnp.sum(w), {}
 
     def eval_fn(model, data):
         return classification_metrics(
-            model(data["tokens"], data["lengths"]), data["labels"], num_classes
+            model(data["tokens"], data["lengths"], data.get("ngrams")), data["labels"], num_classes
         )
 
     return Problem(
@@ -173,21 +223,21 @@ def make_problem(cfg: Config, prepared: Prepared) -> Problem:
         train_data=prepared.splits["train"],
         eval_data=prepared.splits["val"],
         eval_fn=eval_fn,
-        select_metric="accuracy",
+        select_metric="macro_accuracy" if cfg.class_balanced else "accuracy",
         select_mode="max",
         patience=cfg.patience,
     )
 
 
 @nnx.jit
-def _logits(model: SequenceClassifier, tokens, lengths):
-    return model(tokens, lengths)
+def _logits(model: SequenceClassifier, inputs: dict):
+    return model(inputs["tokens"], inputs["lengths"], inputs.get("ngrams"))
 
 
-def predict_logits(
-    model: SequenceClassifier, tokens: np.ndarray, lengths: np.ndarray
-) -> np.ndarray:
-    return np.asarray(_logits(model, jnp.asarray(tokens), jnp.asarray(lengths)))
+def predict_logits(model: SequenceClassifier, inputs: dict) -> np.ndarray:
+    """Logits of encoded names (a dict with tokens, lengths and optionally ngrams)."""
+    keys = ("tokens", "lengths", "ngrams")
+    return np.asarray(_logits(model, {k: jnp.asarray(inputs[k]) for k in keys if k in inputs}))
 
 
 def per_class_recall(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -238,7 +288,7 @@ def evaluate_result(cfg: Config, run: Run, result: FitResult, prepared: Prepared
     }
     model = result.model(0 if result.num_seeds > 1 else None)
     split = prepared.splits["test"]
-    predictions = predict_logits(model, split["tokens"], split["lengths"]).argmax(-1)
+    predictions = predict_logits(model, split).argmax(-1)
     recall = per_class_recall(predictions, split["labels"], num_classes)
     summary.update(
         {
@@ -294,6 +344,7 @@ class Trained:
     model: SequenceClassifier
     languages: list[str]
     max_length: int
+    cfg: Config
 
 
 def load_trained(workdir: Path) -> Trained:
@@ -318,12 +369,12 @@ def load_trained(workdir: Path) -> Trained:
     params = restore_params(directory, step, params_like)
     if cfg.num_seeds > 1:
         params = jax.tree.map(lambda a: a[0], params)  # replica 0
-    return Trained(nnx.merge(graphdef, params), labels["languages"], labels["max_length"])
+    return Trained(nnx.merge(graphdef, params), labels["languages"], labels["max_length"], cfg)
 
 
 def probabilities(trained: Trained, names: list[str]) -> np.ndarray:
-    tokens, lengths = text.pad(names, trained.max_length)
-    return np.asarray(jax.nn.softmax(predict_logits(trained.model, tokens, lengths), axis=-1))
+    inputs = encode_names(trained.cfg, names, trained.max_length)
+    return np.asarray(jax.nn.softmax(predict_logits(trained.model, inputs), axis=-1))
 
 
 def predict_command(args) -> None:

@@ -180,3 +180,58 @@ def test_bad_surnames_input_exits_2(train_cli, tmp_path):
     d = write_languages(tmp_path / "one", {"Only": b"Name\n"})
     code, _, err = train_cli("--task=surnames", f"--data_dir={d}", f"--workdir={tmp_path / 'w2'}")
     assert code == 2 and "need at least 2" in err
+
+
+def test_ngram_ids_frame_normalise_hash_and_pad():
+    ids = text.ngram_ids(["Ab", "Äbc"], max_n=2, buckets=1000)
+    # "^ab$": a, b, ^a, ab, b$ (the marks alone are not n-grams); "^abc$": 7
+    assert ids.shape == (2, 7) and (ids[0] > 0).sum() == 5 and (ids[1] > 0).sum() == 7
+    assert ids.min() >= 0 and ids.max() < 1000
+    assert ids[0, :4].tolist() == ids[1, [0, 1, 3, 4]].tolist()  # shared a, b, ^a, ab
+    assert np.array_equal(ids, text.ngram_ids(["Ab", "Abc"], 2, 1000))  # Ä -> A, stable hash
+    assert text.ngram_ids(["Abc"], 2, 1000, width=3).shape == (1, 3)
+    cfg = surnames.Config(ngram_max=4)
+    longest = "x" * 20
+    assert surnames.ngram_width(cfg, 20) == (text.ngram_ids([longest], 4, 10**6) > 0).sum()
+
+
+def test_ngram_bag_ignores_padding_and_must_match_the_model():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from models.classifier import SequenceClassifier
+
+    model = SequenceClassifier(10, 3, 8, ngram_buckets=50, ngram_dim=4, rngs=nnx.Rngs(0))
+    tokens, lengths = jnp.asarray([[2, 3, 0]]), jnp.asarray([2])
+    grams = jnp.asarray([[5, 7, 9]])
+    padded = jnp.asarray([[5, 7, 9, 0, 0]])
+    np.testing.assert_allclose(model(tokens, lengths, grams), model(tokens, lengths, padded))
+    assert not np.allclose(model(tokens, lengths, grams), model(tokens, lengths, grams[:, :1]))
+    with pytest.raises(ValueError, match="n-gram ids"):
+        model(tokens, lengths)
+
+
+def test_log_prior_and_class_weights():
+    labels = np.asarray([0, 0, 0, 1])
+    np.testing.assert_allclose(np.exp(surnames.log_prior(labels, 3)), [0.6, 0.2, 0.2], rtol=1e-6)
+    w = surnames.class_weights(labels, 2)
+    assert w[labels].mean() == pytest.approx(1.0) and w[1] == pytest.approx(3 * w[0])
+
+
+def test_evaluate_cli_on_the_test_split_equals_the_training_summary(
+    trained_workdir, names_dir_module, tmp_path, capsys
+):
+    data = text.read_directory(names_dir_module)
+    _, _, test = text.stratified_split(data.labels, seed=0)
+    tsv = tmp_path / "test.tsv"
+    tsv.write_text(
+        "".join(f"{data.names[i]}\t{data.languages[data.labels[i]]}\n" for i in test),
+        encoding="utf-8",
+    )
+    args = ["evaluate", "--workdir", str(trained_workdir), "--tsv", str(tsv), "--json"]
+    assert surnames.main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    summary = json.loads((trained_workdir / "summary.json").read_text())
+    assert result["n"] == len(test)
+    assert result["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
+    assert result["macro_accuracy"] == pytest.approx(summary["test_macro_accuracy"], abs=1e-6)
