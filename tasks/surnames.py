@@ -66,12 +66,12 @@ class Config(TrainConfig):
         "macro accuracy",
     )
     balance_method: Literal["reweight", "logit_adjust"] = option(
-        "logit_adjust",
+        "reweight",
         "class_balanced: reweight = loss weights frequency^-balance_power; logit_adjust = "
         "cross-entropy of logits + balance_power * log(frequency) (Menon et al. 2021)",
     )
     balance_power: float = option(
-        1.0, "class_balanced: strength (1 = full inverse frequency / full adjustment)", gt=0, max=1
+        0.7, "class_balanced: strength (1 = full inverse frequency / full adjustment)", gt=0, max=1
     )
     patience: int = option(
         8, "evaluations without a better validation accuracy before stopping (0: never)", min=0

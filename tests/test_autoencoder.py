@@ -17,6 +17,7 @@ def fast(steps: int = 150) -> list[str]:
     """A small, quick autoencoder configuration."""
     return [
         f"--steps={steps}",
+        "--batch_size=128",
         "--epochs=0",
         "--num_train=1000",
         "--num_test=500",
