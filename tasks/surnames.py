@@ -6,9 +6,11 @@ Inference from a trained workdir:
     python -m tasks.surnames evaluate --workdir DIR --tsv FILE [--json]
 
 Data handling (normalisation, unknown characters, deduplication, the stratified
-80/10/10 split, the download) is in data/surnames.py. Early stopping keeps the
-parameters with the best validation accuracy (WORKDIR/best); test metrics are
-those of that model.
+80/10/10 split, hashed character n-grams, the download) is in data/surnames.py;
+the model (a recurrent layer plus a bag of n-grams feeding the output layer)
+in models/classifier.py. Early stopping keeps the parameters with the best
+validation accuracy, or macro accuracy with --class_balanced (WORKDIR/best);
+test metrics are those of that model.
 """
 
 from __future__ import annotations
@@ -74,7 +76,10 @@ class Config(TrainConfig):
         0.7, "class_balanced: strength (1 = full inverse frequency / full adjustment)", gt=0, max=1
     )
     patience: int = option(
-        8, "evaluations without a better validation accuracy before stopping (0: never)", min=0
+        8,
+        "evaluations without a better validation accuracy (macro accuracy when class_balanced) "
+        "before stopping (0: never)",
+        min=0,
     )
     steps: int = option(3000, "maximum optimizer steps (the cosine schedule's length)", min=1)
     batch_size: int = option(64, "names per step", min=1)
@@ -357,7 +362,8 @@ def load_trained(workdir: Path) -> Trained:
     step, saved = read_config(directory)
     if saved.get("task") != "surnames":
         raise UsageError(f"--workdir={workdir} holds a {saved.get('task')!r} run, not surnames")
-    cfg = from_dict(Config, saved["config"])
+    # Runs saved before the n-gram bag existed had none; the new default would not fit them.
+    cfg = from_dict(Config, {"ngram_buckets": 0, **saved["config"]})
     num_classes = len(labels["languages"])
     graphdef, params_like = nnx.split(
         nnx.eval_shape(lambda: make_model(cfg, num_classes, nnx.Rngs(0)))
