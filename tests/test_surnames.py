@@ -235,3 +235,11 @@ def test_evaluate_cli_on_the_test_split_equals_the_training_summary(
     assert result["n"] == len(test)
     assert result["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
     assert result["macro_accuracy"] == pytest.approx(summary["test_macro_accuracy"], abs=1e-6)
+
+
+def test_label_smoothing_defaults_to_0_1_and_to_0_when_class_balanced():
+    assert surnames.label_smoothing(surnames.Config()) == 0.1
+    assert surnames.label_smoothing(surnames.Config(class_balanced=True)) == 0.0
+    assert (
+        surnames.label_smoothing(surnames.Config(class_balanced=True, label_smoothing=0.2)) == 0.2
+    )
