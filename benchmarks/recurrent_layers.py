@@ -93,12 +93,15 @@ def torch_step_runner(cell: str, size: dict, layers: int, x_np, y_np):
     import torch
 
     torch.manual_seed(0)
+    # Like with like: PyTorch on the GPU (cuDNN's RNN / LSTM) when JAX runs on one.
+    on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
     cls = torch.nn.RNN if cell == "rnn" else torch.nn.LSTM
-    rnn = cls(size["features"], size["hidden"], num_layers=layers, batch_first=True)
-    head = torch.nn.Linear(size["hidden"], 1)
+    rnn = cls(size["features"], size["hidden"], num_layers=layers, batch_first=True).to(device)
+    head = torch.nn.Linear(size["hidden"], 1).to(device)
     params = list(rnn.parameters()) + list(head.parameters())
     opt = torch.optim.Adam(params, lr=1e-3)
-    x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
+    x, y = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device)
 
     def run(n: int) -> None:
         for _ in range(n):
@@ -106,7 +109,7 @@ def torch_step_runner(cell: str, size: dict, layers: int, x_np, y_np):
             loss = torch.mean((head(rnn(x)[0]) - y) ** 2)
             loss.backward()
             opt.step()
-        float(loss)
+        float(loss)  # waits for the device
 
     t0 = time.perf_counter()
     run(1)
