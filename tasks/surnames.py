@@ -97,6 +97,13 @@ class Config(TrainConfig):
     log_every: int = option(225, "steps between training logs", min=1)
     checkpoint_every: int = option(2250, "steps between checkpoints", min=1)
 
+    def check(self) -> None:
+        super().check()
+        if self.ngram_buckets == 1:
+            raise UsageError(
+                "--ngram_buckets=1: use 0 (no n-grams) or at least 2 (bucket 0 is padding)"
+            )
+
 
 @dataclasses.dataclass
 class Prepared:

@@ -180,6 +180,9 @@ def test_bad_surnames_input_exits_2(train_cli, tmp_path):
     d = write_languages(tmp_path / "one", {"Only": b"Name\n"})
     code, _, err = train_cli("--task=surnames", f"--data_dir={d}", f"--workdir={tmp_path / 'w2'}")
     assert code == 2 and "need at least 2" in err
+    code, _, err = train_cli("--task=surnames", "--ngram_buckets=1", f"--workdir={tmp_path / 'w3'}")
+    assert code == 2 and "--ngram_buckets=1: use 0" in err
+    assert not (tmp_path / "w3").exists()
 
 
 def test_ngram_ids_frame_normalise_hash_and_pad():
