@@ -146,12 +146,19 @@ def ngram_ids(names: list[str], max_n: int, buckets: int, width: int | None = No
     for name in names:
         framed = "^" + normalize(name).lower() + "$"
         grams = [framed[i : i + n] for n in range(1, max_n + 1) for i in range(len(framed) - n + 1)]
-        rows.append([1 + zlib.crc32(g.encode()) % (buckets - 1) for g in grams if g not in "^$"])
+        grams = [g for g in grams if g not in ("^", "$", "^$")]  # a mark alone is no n-gram
+        rows.append([1 + zlib.crc32(g.encode()) % (buckets - 1) for g in grams])
     width = width or max(len(r) for r in rows)
     ids = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
         ids[i, : min(len(r), width)] = r[:width]
     return ids
+
+
+def ngram_count(length: int, max_n: int) -> int:
+    """How many n-grams ngram_ids gives a name of `length` characters (length >= 1)."""
+    framed = length + 2
+    return sum(max(0, framed - n + 1) for n in range(1, max_n + 1)) - 2
 
 
 def ambiguity(names: list[str], labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> dict:

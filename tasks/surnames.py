@@ -122,15 +122,9 @@ def encode_names(cfg: Config, names: list[str], max_length: int | None = None) -
     tokens, lengths = text.pad(names, max_length)
     inputs = {"tokens": tokens, "lengths": lengths}
     if cfg.ngram_buckets:
-        width = ngram_width(cfg, tokens.shape[1])
+        width = text.ngram_count(tokens.shape[1], cfg.ngram_max)
         inputs["ngrams"] = text.ngram_ids(names, cfg.ngram_max, cfg.ngram_buckets, width)
     return inputs
-
-
-def ngram_width(cfg: Config, max_length: int) -> int:
-    """How many n-grams a name of max_length characters has (the padded width)."""
-    framed = max_length + 2
-    return sum(framed - n + 1 for n in range(1, cfg.ngram_max + 1)) - 2
 
 
 def prepare(cfg: Config) -> Prepared:

@@ -193,9 +193,9 @@ def test_ngram_ids_frame_normalise_hash_and_pad():
     assert ids[0, :4].tolist() == ids[1, [0, 1, 3, 4]].tolist()  # shared a, b, ^a, ab
     assert np.array_equal(ids, text.ngram_ids(["Ab", "Abc"], 2, 1000))  # Ä -> A, stable hash
     assert text.ngram_ids(["Abc"], 2, 1000, width=3).shape == (1, 3)
-    cfg = surnames.Config(ngram_max=4)
-    longest = "x" * 20
-    assert surnames.ngram_width(cfg, 20) == (text.ngram_ids([longest], 4, 10**6) > 0).sum()
+    for length, max_n in ((1, 4), (1, 6), (7, 4), (20, 4)):
+        ids = text.ngram_ids(["x" * length], max_n, 10**6)
+        assert text.ngram_count(length, max_n) == (ids > 0).sum() == ids.shape[1]
 
 
 def test_ngram_bag_ignores_padding_and_must_match_the_model():
