@@ -34,7 +34,7 @@ from pathlib import Path
 
 from experiment.config import build_config, to_dict, tokenize
 from experiment.errors import UsageError
-from experiment.run import (
+from experiment.workdir import (
     FAILURE_FILE,
     SUMMARY_FILE,
     json_ready,

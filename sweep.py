@@ -38,7 +38,12 @@ from typing import Any
 
 from experiment.config import build_config, suggest
 from experiment.errors import UsageError
-from experiment.run import FAILURE_FILE, SUMMARY_FILE, write_bytes_atomic, write_json_atomic
+from experiment.workdir import (
+    FAILURE_FILE,
+    SUMMARY_FILE,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 REPO = Path(__file__).resolve().parent
 STATE_FILE = "sweep_state.json"

@@ -4,18 +4,24 @@
     python train.py --help                 # the tasks
     python train.py --task=NAME --help     # that task's options, types and defaults
 
-Exit codes: 0 success, 2 bad usage or input, 1 a run that failed (e.g. a
-non-finite loss), 130 interrupted (rerun the same command to resume).
+Exit codes: 0 success, 2 bad usage or input (nothing in the workdir changed), 1 a
+run that failed (e.g. a non-finite loss, a full disk), 130 interrupted by Ctrl-C
+(143 by SIGTERM); the message of 1 and 130 gives the command that resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
+from experiment import faults, interrupt
 from experiment.config import build_config, config_help, tokenize
 from experiment.errors import RunFailed, UsageError
 
@@ -93,12 +99,20 @@ def start_distributed() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one experiment; returns the exit code (0, 1, 2, or 128 + signal)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    with interrupt.trap():
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     wants_help = any(a in ("-h", "--help") for a in argv)
     argv = [a for a in argv if a not in ("-h", "--help")]
     run = None
+    given: dict[str, str | None] = {}
     try:
         raw = tokenize(argv)
+        given = dict(raw)
         task_name = raw.pop("task", None)
         if task_name is None:
             if wants_help:
@@ -115,43 +129,127 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(module.Config, raw, also_known=[*RUN_OPTIONS, "task"])
         run = start_run(task_name, cfg, run_opts)
         summary = module.run(cfg, run)
+        interrupt.raise_if_received()  # a Ctrl-C that a library swallowed is still one
         run.finish(summary)
         print(f"done: {run.workdir / 'summary.json'}")
         return 0
-    except (UsageError, RunFailed) as err:
-        print(f"error: {err}", file=sys.stderr)
-        if run is not None:
-            run.fail(str(err), err.exit_code)
-        return err.exit_code
     except KeyboardInterrupt:
-        print(
-            "interrupted; rerun the same command to resume from the last checkpoint",
-            file=sys.stderr,
-        )
-        return 130
+        return _report_interrupt(run, given)
+    except BaseException as err:
+        if interrupt.received():  # the interrupt surfaced as another error
+            return _report_interrupt(run, given)
+        failure = classify_failure(err)
+        if failure is None:
+            raise  # a bug: keep its traceback
+        message, code = failure
+        if faults.disk_error(err) is not None and run is not None:
+            message += f"; free space and resume with: {resume_command(given, run.workdir)}"
+        print(f"error: {message}", file=sys.stderr)
+        if run is not None:
+            _quietly(run.fail, message, code)
+        return code
     finally:
         if run is not None:
-            run.close()
+            _quietly(run.close)
+
+
+def classify_failure(err: BaseException) -> tuple[str, int] | None:
+    """(one-line message, exit code) for an expected kind of failure, None for a bug."""
+    if isinstance(err, UsageError | RunFailed):
+        return str(err), err.exit_code
+    if isinstance(err, MemoryError):
+        return (
+            "out of memory; reduce the sizes (e.g. --hidden_size, --latent_dim, "
+            "--batch_size, --num_train, --num_seeds)",
+            2,
+        )
+    disk = faults.disk_error(err)
+    if disk is not None:
+        return disk, 1
+    return None
+
+
+def _report_interrupt(run, given: dict) -> int:
+    code = interrupt.exit_code()
+    name = "SIGTERM" if code == 128 + signal.SIGTERM else "Ctrl-C"
+    if run is None:
+        print(f"interrupted ({name}) before the run started; nothing was written", file=sys.stderr)
+        return code
+    message = f"interrupted ({name}); checkpoints are intact"
+    _quietly(run.fail, message, code)
+    print(
+        f"{message}; resume with: {resume_command(given, run.workdir)}",
+        file=sys.stderr,
+    )
+    return code
+
+
+def _quietly(fn, *args) -> None:
+    """Clean-up that must not replace the error being reported (e.g. on a full disk)."""
+    with contextlib.suppress(Exception):
+        fn(*args)
+
+
+def resume_command(given: dict[str, str | None], workdir: Path) -> str:
+    """The command that continues this run: the same options, with its --workdir."""
+    parts = ["python", "train.py"]
+    parts += [f"--{k}" if v is None else f"--{k}={v}" for k, v in given.items() if k != "workdir"]
+    parts.append(f"--workdir={workdir}")
+    return shlex.join(parts)
 
 
 def start_run(task_name: str, cfg, run_opts: dict):
-    """Workdir, compilation cache and writers for a run (UsageError if any is unusable)."""
-    from experiment.run import Run, default_workdir, prepare_workdir
+    """Lock and check the workdir, then open the run's writers (UsageError if unusable).
+
+    Nothing is written into an existing workdir before the lock is held and the
+    requested config has been checked against everything the workdir records.
+    """
+    from experiment.run import Run
+    from experiment.workdir import WorkdirLock, default_workdir, prepare_workdir, resolve
     from experiment.writers import WANDB_MODES, default_wandb_mode
 
     wandb_mode = run_opts.get("wandb") or default_wandb_mode()
     if wandb_mode not in WANDB_MODES:
         raise UsageError(f"--wandb={wandb_mode!r}: choose one of {', '.join(WANDB_MODES)}")
-    if parse_bool("distributed", run_opts.get("distributed", "false")):
-        start_distributed()
-    if parse_bool("compilation_cache", run_opts.get("compilation_cache", "true")):
-        enable_compilation_cache()
+    distributed = parse_bool("distributed", run_opts.get("distributed", "false"))
+    cache = parse_bool("compilation_cache", run_opts.get("compilation_cache", "true"))
     given = run_opts.get("workdir")
     if "workdir" in run_opts and not given:
         raise UsageError("--workdir needs a directory")
-    workdir = prepare_workdir(Path(given) if given else default_workdir(task_name))
-    print(f"workdir: {workdir}")
-    return Run(task_name, cfg, workdir, wandb_mode)
+    if distributed:
+        start_distributed()
+    if cache:
+        enable_compilation_cache()
+    workdir = prepare_workdir(resolve(given)) if given else default_workdir(task_name)
+    from experiment.run import is_primary_process
+
+    lock = WorkdirLock(workdir) if is_primary_process() else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        check_identity(workdir, task_name, cfg)
+        print(f"workdir: {workdir}")
+        return Run(task_name, cfg, workdir, wandb_mode, lock=lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def check_identity(workdir: Path, task_name: str, cfg) -> None:
+    """Refuse a workdir whose config.json or checkpoints record another task or config."""
+    from experiment.config import to_dict
+    from experiment.workdir import CONFIG_FILE, check_same_run, read_saved_run
+    from training.checkpoints import recorded_configs
+
+    config = to_dict(cfg)
+    saved = read_saved_run(workdir)
+    if saved is not None:
+        check_same_run(workdir, task_name, config, saved, workdir / CONFIG_FILE)
+    for source, recorded in recorded_configs(workdir):
+        check_same_run(
+            workdir, task_name, config, (recorded.get("task"), recorded.get("config", {})), source
+        )
 
 
 if __name__ == "__main__":

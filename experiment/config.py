@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from experiment.errors import UsageError
+
+# Every number ends up in a jax array: ints as int32 (JAX's default integer), floats as
+# float32. A value outside those ranges would silently wrap or become inf inside the
+# program, so it is a usage error here instead.
+INT_LIMIT = 2**31 - 1
+FLOAT_LIMIT = 3.4028234663852886e38  # float32's largest finite value
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -95,8 +102,7 @@ def _check_field(field: dataclasses.Field, value: Any, tp: Any) -> None:
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int | float):
             continue
-        if v != v:  # NaN passes no bound
-            raise UsageError(f"--{field.name}={value}: must be a finite number")
+        _check_representable(field.name, value, v)
         if "min" in meta and v < meta["min"]:
             raise UsageError(f"--{field.name}={value}: must be >= {meta['min']}")
         if "max" in meta and v > meta["max"]:
@@ -105,6 +111,18 @@ def _check_field(field: dataclasses.Field, value: Any, tp: Any) -> None:
             raise UsageError(f"--{field.name}={value}: must be > {meta['gt']}")
         if "lt" in meta and not v < meta["lt"]:
             raise UsageError(f"--{field.name}={value}: must be < {meta['lt']}")
+
+
+def _check_representable(name: str, value: Any, v: int | float) -> None:
+    """`v` (one number of option `name`) fits the int32 / finite float32 the program uses."""
+    if isinstance(v, int) and abs(v) > INT_LIMIT:
+        raise UsageError(f"--{name}={value}: too large; integers must be within +-{INT_LIMIT}")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise UsageError(f"--{name}={value}: must be a finite number")
+    if isinstance(v, float) and abs(v) > FLOAT_LIMIT:
+        raise UsageError(
+            f"--{name}={value}: overflows float32; numbers must be within +-{FLOAT_LIMIT:.4g}"
+        )
 
 
 def parse_value(name: str, tp: Any, text: str) -> Any:

@@ -30,6 +30,7 @@ from models.recurrent import SequenceRegressor
 from tasks import running_average
 from training.config import TrainConfig
 from training.loop import fit
+from training.summary import without_undefined
 
 # |log-gradient change| over the sequence that counts as vanishing / exploding (10^3 = e^6.9)
 REGIME_THRESHOLD = np.log(1e3)
@@ -167,7 +168,8 @@ def regime(norms_T: np.ndarray) -> str:
 
 
 def flow_summary(flow: GradFlow, prefix: str = "") -> dict:
-    """Summary numbers for the top layer (and per layer when stacked)."""
+    """Summary numbers for the top layer (and per layer when stacked); a slope or ratio
+    that is undefined (gradients that vanished to exactly 0) is left out."""
     top = flow.grad_h[-1]
     out = {
         f"{prefix}log_grad_slope": log_slope(top),
@@ -190,7 +192,7 @@ def flow_summary(flow: GradFlow, prefix: str = "") -> dict:
         out[f"{prefix}log_cell_grad_slope"] = log_slope(flow.grad_c[-1])
         out[f"{prefix}cell_grad_norm_first"] = float(flow.grad_c[-1][0])
         out[f"{prefix}cell_grad_norm_last"] = float(flow.grad_c[-1][-1])
-    return out
+    return without_undefined(out)
 
 
 def running_average_config(cfg: Config) -> running_average.Config:
@@ -227,8 +229,8 @@ def run(cfg: Config, run: Run) -> dict:
     flow = measure(model, *probe_batch(cfg), cfg.last_target_only)
     summary = {**flow_summary(flow), **trained}
     print(
-        f"log ||dL/dh_t|| slope {summary['log_grad_slope']:+.4f} per step; "
-        f"||dL/dh_1|| / ||dL/dh_T|| = {summary['grad_ratio_first_last']:.3g} "
+        f"log ||dL/dh_t|| slope {summary.get('log_grad_slope', float('nan')):+.4f} per step; "
+        f"||dL/dh_1|| / ||dL/dh_T|| = {summary.get('grad_ratio_first_last', float('nan')):.3g} "
         f"({regime(flow.grad_h[-1])})"
     )
     plot_flow(run, {describe(cfg): flow}, "grad_flow", title=describe(cfg))

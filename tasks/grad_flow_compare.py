@@ -72,10 +72,11 @@ def run(cfg: Config, run: Run) -> dict:
             part = grad_flow.flow_summary(flow, prefix=f"{variant}_{loss}_")
             summary.update(part)
             summary.update({f"{variant}_{loss}_{k}": v for k, v in trained.items()})
+            slope = part.get(f"{variant}_{loss}_log_grad_slope", float("nan"))
+            ratio = part.get(f"{variant}_{loss}_grad_ratio_first_last", float("nan"))
             print(
-                f"{LABELS[variant]:22s} loss on {loss:4s} steps: slope "
-                f"{part[f'{variant}_{loss}_log_grad_slope']:+.4f}, "
-                f"||dL/dh_1||/||dL/dh_T|| = {part[f'{variant}_{loss}_grad_ratio_first_last']:.3g}"
+                f"{LABELS[variant]:22s} loss on {loss:4s} steps: slope {slope:+.4f}, "
+                f"||dL/dh_1||/||dL/dh_T|| = {ratio:.3g}"
             )
     plot_compare(cfg, run, flows)
     return summary

@@ -188,7 +188,9 @@ def analyse(cfg: Config, w1: np.ndarray, w2: np.ndarray, spec: Spectrum, history
     }
     balanced = [h["step"] for h in history if h["imbalance"] < cfg.balance_tolerance]
     out["steps_to_balance"] = balanced[0] if balanced else -1
-    out["imbalance_decay_per_step"] = imbalance_decay(history)
+    decay = imbalance_decay(history)
+    if decay is not None:  # not measurable when the imbalance never left its noise floor
+        out["imbalance_decay_per_step"] = decay
     if cfg.optimizer == "sgd" and cfg.lr_schedule == "constant" and cfg.warmup_steps == 0:
         # each step multiplies W1 W1^T - W2^T W2 by (1 - 2 lr lambda)^2 (heavy-ball: lr/(1-beta))
         effective_lr = cfg.learning_rate / (1.0 - cfg.momentum)
@@ -211,14 +213,14 @@ def analyse(cfg: Config, w1: np.ndarray, w2: np.ndarray, spec: Spectrum, history
     return out
 
 
-def imbalance_decay(history: list) -> float:
+def imbalance_decay(history: list) -> float | None:
     """Least-squares slope of log ||W1 W1^T - W2^T W2||_F against the step, fitted while the
     imbalance is above twice its final value (minibatch noise sets a floor under it)."""
     steps = np.asarray([h["step"] for h in history], np.float64)
     values = np.asarray([h["imbalance"] for h in history], np.float64)
     keep = (values > 0) & (values > 2 * values[-1])
     if keep.sum() < 2:
-        return float("nan")
+        return None
     return float(np.polyfit(steps[keep], np.log(values[keep]), 1)[0])
 
 

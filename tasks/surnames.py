@@ -312,6 +312,7 @@ def evaluate_result(cfg: Config, run: Run, result: FitResult, prepared: Prepared
         {
             f"test_accuracy_{lang}": float(r)
             for lang, r in zip(prepared.languages, recall, strict=True)
+            if not np.isnan(r)  # a language with no test name has no accuracy
         }
     )
     print(

@@ -53,7 +53,7 @@ def final_params(workdir):
     cfg = running_average.Config(**{**json.loads((workdir / "config.json").read_text())["config"]})
     problem = running_average.make_problem(cfg)
     _, state = init_train_state(problem, make_optimizer(cfg), cfg)
-    params, train_state = ckpt.restore(
+    params, train_state, _ = ckpt.restore(
         step,
         state.params,
         dict(opt_state=state.opt_state, step=state.step, key=state.key, bad_step=state.bad_step),
@@ -117,7 +117,7 @@ def test_non_finite_loss_stops_with_exit_1_and_keeps_good_checkpoints(tmp_path, 
     )
     err = capsys.readouterr().err
     assert code == 1
-    assert "non-finite loss or gradient at step" in err and "--clip_grad_norm" in err
+    assert "non-finite loss, gradient or parameters at step" in err and "--clip_grad_norm" in err
     assert not (workdir / "summary.json").exists()
     assert json.loads((workdir / "failure.json").read_text())["exit_code"] == 1
     step, params, train_state = final_params(workdir)

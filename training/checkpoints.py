@@ -1,15 +1,20 @@
 """Orbax checkpoints of a training run.
 
-Layout: WORKDIR/checkpoints/<step>/ with three items:
+Layout: WORKDIR/checkpoints/<step>/ (names in experiment.workdir) with four items:
   params      the model parameters as a plain nested dict (what a probe restores alone)
   train_state step, optimizer state, RNG key and the NaN-guard flag (what resuming needs)
   config      JSON {"task": ..., "config": {...}}: enough to rebuild the model
-Best-so-far parameters (early stopping) go to WORKDIR/checkpoints_best/<step>/.
-A checkpoint is only ever written from finite parameters (see training.loop).
+  progress    JSON: evaluation history and time spent so far, so a resumed run's
+              figures and summary equal an uninterrupted run's (absent in older runs)
+Best-so-far parameters (early stopping) go to WORKDIR/best/<step>/.
+A checkpoint is only ever written from finite parameters and optimizer state (see
+training.loop). A step that cannot be read is moved aside to `<step>.unreadable`
+(nothing is deleted) so the run resumes from the newest readable one.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,10 @@ import jax
 import orbax.checkpoint as ocp
 
 from experiment.errors import UsageError
+from experiment.workdir import BEST_DIR, CHECKPOINTS_DIR
+
+# orbax writes a JsonSave item as <step>/<item>/metadata
+_JSON_ITEM_FILE = "metadata"
 
 
 def _options(keep: int) -> ocp.CheckpointManagerOptions:
@@ -36,26 +45,44 @@ class Checkpoints:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, params: Any, train_state: Any, config: dict) -> None:
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                train_state=ocp.args.StandardSave(train_state),
-                config=ocp.args.JsonSave(config),
-            ),
+    def save(
+        self, step: int, params: Any, train_state: Any, config: dict, progress: dict | None = None
+    ) -> None:
+        items = dict(
+            params=ocp.args.StandardSave(params),
+            train_state=ocp.args.StandardSave(train_state),
+            config=ocp.args.JsonSave(config),
         )
+        if progress is not None:
+            items["progress"] = ocp.args.JsonSave(progress)
+        self._manager.save(step, args=ocp.args.Composite(**items))
 
-    def restore(self, step: int, params_like: Any, train_state_like: Any) -> tuple[Any, Any]:
-        """(params, train_state) at `step`, shaped like the given templates."""
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_abstract(params_like)),
-                train_state=ocp.args.StandardRestore(_abstract(train_state_like)),
-            ),
+    def restore(
+        self, step: int, params_like: Any, train_state_like: Any
+    ) -> tuple[Any, Any, dict | None]:
+        """(params, train_state, progress or None) at `step`, shaped like the templates."""
+        items = dict(
+            params=ocp.args.StandardRestore(_abstract(params_like)),
+            train_state=ocp.args.StandardRestore(_abstract(train_state_like)),
         )
-        return restored["params"], restored["train_state"]
+        has_progress = (self.directory / str(step) / "progress").is_dir()
+        if has_progress:
+            items["progress"] = ocp.args.JsonRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        progress = restored["progress"] if has_progress else None
+        return restored["params"], restored["train_state"], progress
+
+    def quarantine(self, step: int) -> Path:
+        """Move an unreadable step aside (to `<step>.unreadable[-n]`) and forget it."""
+        source = self.directory / str(step)
+        target = self.directory / f"{step}.unreadable"
+        n = 1
+        while target.exists():
+            target = self.directory / f"{step}.unreadable-{n}"
+            n += 1
+        source.rename(target)
+        self._manager.reload()
+        return target
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -75,6 +102,36 @@ def _abstract(tree: Any) -> Any:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
     return jax.tree.map(target, tree)
+
+
+def recorded_configs(workdir: Path) -> list[tuple[Path, dict]]:
+    """The run configs saved in a workdir's checkpoints: (file, {"task", "config"}) of the
+    newest step with a readable config in every checkpoint directory (one per model).
+
+    Read as plain JSON, without orbax, so a damaged step costs nothing here; a step
+    whose config is unreadable is skipped (resuming reports it).
+    """
+    found = []
+    roots = [workdir / CHECKPOINTS_DIR, workdir / BEST_DIR]
+    directories = [r for r in roots if r.is_dir()]
+    directories += [d for r in directories for d in r.iterdir() if d.is_dir() and _is_model(d)]
+    for directory in directories:
+        steps = sorted((int(d.name) for d in directory.iterdir() if d.name.isdigit()), reverse=True)
+        for step in steps:
+            file = directory / str(step) / "config" / _JSON_ITEM_FILE
+            try:
+                saved = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(saved, dict):
+                found.append((file, saved))
+                break
+    return found
+
+
+def _is_model(directory: Path) -> bool:
+    """A per-model checkpoint directory (checkpoints/<model>/), not a step of its own."""
+    return not directory.name.split(".")[0].isdigit()
 
 
 def read_config(checkpoint_dir: Path, step: int | None = None) -> tuple[int, dict]:

@@ -10,12 +10,18 @@ evaluation); `fit` trains it:
   back stacked); state buffers are donated.
 * `num_seeds` replicas (seeds seed..seed+S-1) train in the same program, with
   `jax.vmap` over parameters and optimizer state.
-* NaN guard: a step whose loss or gradient is not finite leaves the state
-  untouched and records its step number; every later step is skipped. The host
-  checks the flag before logging, evaluating and checkpointing, so no
-  non-finite checkpoint is ever written, and stops with `RunFailed`.
+* NaN guard: a step whose loss, gradient, new parameters or new optimizer state
+  is not finite leaves the state untouched and records its step number; every
+  later step is skipped. The host checks the flag before logging, evaluating and
+  checkpointing, so no non-finite checkpoint is ever written, and stops with
+  `RunFailed`.
 * Checkpoints (orbax) every `checkpoint_every` steps and at the end; a workdir
-  with checkpoints resumes from the latest one.
+  with checkpoints resumes from the newest readable one. The evaluation history
+  and the time spent travel in the checkpoint, so a resumed run's summary and
+  figures equal an uninterrupted run's (timings are summed over segments).
+* Before anything is allocated, the training state's size is checked against
+  the memory available, and the first compiled step's footprint before it runs
+  (training.memory), so an impossible size is refused instead of hanging.
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from experiment import interrupt
 from experiment.errors import RunFailed, UsageError
 from experiment.run import Run
-from training import sharding
+from experiment.workdir import BEST_DIR, CHECKPOINTS_DIR
+from training import memory, sharding
 from training.checkpoints import Checkpoints
 from training.config import TrainConfig
 from training.optim import make_optimizer
@@ -138,8 +146,13 @@ def init_train_state(problem: Problem, tx, cfg: TrainConfig) -> tuple[Any, Train
 
     init_all = jax.jit(one if cfg.num_seeds == 1 else jax.vmap(one))
     seed_arg = seeds[0] if cfg.num_seeds == 1 else seeds
-    # Runs once: cheap XLA optimisation cuts its compile time by a third.
     lowered = init_all.lower(seed_arg)
+    # Shapes are known now and nothing is allocated yet: refuse a size that cannot fit.
+    memory.require(
+        memory.STEP_STATE_COPIES * memory.tree_bytes(lowered.out_info),
+        "training the model (parameters, optimizer state, gradients)",
+    )
+    # Runs once: cheap XLA optimisation cuts its compile time by a third.
     return graphdef, lowered.compile({"xla_backend_optimization_level": 0})(seed_arg)
 
 
@@ -175,7 +188,15 @@ def make_train_step(graphdef, problem: Problem, tx, *, compute_dtype=None, shard
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.bad_step < 0)
+        # The guard covers what the step writes, not only what it read: an update can
+        # overflow finite parameters (e.g. a huge learning rate) with a finite loss.
+        ok = (
+            jnp.isfinite(loss)
+            & jnp.isfinite(grad_norm)
+            & all_finite(params)
+            & all_finite(opt_state)
+            & (state.bad_step < 0)
+        )
 
         def keep_if_ok(new, old):
             return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
@@ -192,6 +213,16 @@ def make_train_step(graphdef, problem: Problem, tx, *, compute_dtype=None, shard
         return new_state, metrics
 
     return train_step
+
+
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point element of `tree` is finite (a scalar bool)."""
+    checks = [
+        jnp.isfinite(x).all()
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
 def make_chunk(train_step, replicated: bool):
@@ -322,19 +353,18 @@ def fit(
         raise ValueError("select_metric needs an eval_fn")
 
     checkpoints = Checkpoints(
-        run.workdir / (checkpoint_dir or "checkpoints"), keep=cfg.keep_checkpoints
+        run.workdir / (checkpoint_dir or CHECKPOINTS_DIR), keep=cfg.keep_checkpoints
     )
     saved_config = {"task": run.task, "config": run.config_dict}
-    state = _maybe_resume(checkpoints, state, selector)
+    state, spent = _maybe_resume(checkpoints, state, selector)
     step = int(jax.device_get(state.step).max())
     steps_per_call = cfg.steps_per_call or default_steps_per_call()
-    history: list[dict[str, Any]] = []
+    history: list[dict[str, Any]] = spent.history
     compiled: dict[int, Any] = {}
-    compile_seconds = 0.0
     pending: list[dict] = []
     last_saved = checkpoints.latest_step()
     progress = Progress(cfg.steps, start=step, desc=desc or run.task, enabled=run.primary)
-    t_start = time.perf_counter()
+    segment = _Segment(spent)
     stopped_early = False
 
     def guard() -> None:
@@ -349,19 +379,20 @@ def fit(
             )
             hint = f" {problem.divergence_hint}" if problem.divergence_hint else ""
             raise RunFailed(
-                f"non-finite loss or gradient at step {int(bad[replica])}{where}; {kept}. "
-                f"Try a lower --learning_rate (now {cfg.learning_rate:g}), gradient clipping "
-                f"(--clip_grad_norm=1.0), or a bounded activation (--activation=tanh).{hint}"
+                f"non-finite loss, gradient or parameters at step {int(bad[replica])}{where}; "
+                f"{kept}. Try a lower --learning_rate (now {cfg.learning_rate:g}) or gradient "
+                f"clipping (--clip_grad_norm=1.0) in a new --workdir.{hint}"
             )
 
     def save(at_step: int) -> None:
         nonlocal last_saved
-        train_state = dict(
-            opt_state=state.opt_state, step=state.step, key=state.key, bad_step=state.bad_step
+        checkpoints.save(
+            at_step,
+            state.params,
+            _train_state_dict(state, selector),
+            saved_config,
+            segment.totals(history, len(compiled)),
         )
-        if selector is not None:
-            train_state["best"] = selector.state_dict()
-        checkpoints.save(at_step, state.params, train_state, saved_config)
         last_saved = at_step
 
     try:
@@ -375,8 +406,12 @@ def fit(
             if k not in compiled:
                 t0 = time.perf_counter()
                 compiled[k] = chunk.lower(state, train_data, idx).compile()
-                compile_seconds += time.perf_counter() - t0
+                segment.compile_seconds += time.perf_counter() - t0
+                footprint = memory.compiled_bytes(compiled[k])
+                if footprint is not None:
+                    memory.require(footprint, f"a train step (batch {cfg.batch_size})")
             state, metrics = compiled[k](state, train_data, idx)
+            interrupt.raise_if_received()  # in case a library swallowed the KeyboardInterrupt
             pending.append(metrics)
             before, step = step, step + k
             end = step >= cfg.steps
@@ -408,17 +443,17 @@ def fit(
         progress.close()
         checkpoints.wait()
         checkpoints.close()
-    train_seconds = time.perf_counter() - t_start - compile_seconds
-    final_params = state.params if selector is None else selector.best_params
+    totals = segment.totals(history, len(compiled))
     stats = dict(
         steps=step,
-        train_seconds=train_seconds,
-        compile_seconds=compile_seconds,
-        steps_per_second=progress.steps_per_second(step),
+        train_seconds=totals["train_seconds"],
+        compile_seconds=totals["compile_seconds"],
+        steps_per_second=step / max(totals["loop_seconds"], 1e-9),
         steps_per_call=steps_per_call,
-        compilations=len(compiled),
+        compilations=totals["compilations"],
         devices=jax.device_count(),
     )
+    final_params = state.params if selector is None else selector.best_params
     if selector is not None:
         stats.update(best_step=selector.best_step.tolist(), stopped_early=stopped_early)
         _export_best(run, selector, state, saved_config)
@@ -432,40 +467,94 @@ def fit(
     )
 
 
+def _train_state_dict(state: TrainState, selector: _Selector | None) -> dict:
+    """What a checkpoint's `train_state` item holds (and what a restore fills in)."""
+    saved = dict(opt_state=state.opt_state, step=state.step, key=state.key, bad_step=state.bad_step)
+    if selector is not None:
+        saved["best"] = selector.state_dict()
+    return saved
+
+
+@dataclasses.dataclass
+class _Spent:
+    """What earlier segments of a resumed run measured (from the checkpoint)."""
+
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    train_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    loop_seconds: float = 0.0
+    compilations: int = 0
+
+    @classmethod
+    def from_saved(cls, saved: dict | None) -> _Spent:
+        if not saved:  # a checkpoint from before progress was saved
+            return cls()
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in fields})
+
+
+class _Segment:
+    """Time spent in this process's part of the run, added to the earlier segments'."""
+
+    def __init__(self, spent: _Spent):
+        self.spent = spent
+        self.start = time.perf_counter()
+        self.compile_seconds = 0.0
+
+    def totals(self, history: list[dict[str, Any]], compilations: int) -> dict[str, Any]:
+        loop = time.perf_counter() - self.start
+        return dict(
+            history=history,
+            train_seconds=self.spent.train_seconds + loop - self.compile_seconds,
+            compile_seconds=self.spent.compile_seconds + self.compile_seconds,
+            loop_seconds=self.spent.loop_seconds + loop,
+            compilations=self.spent.compilations + compilations,
+        )
+
+
 def _export_best(run: Run, selector: _Selector, state: TrainState, saved_config: dict) -> None:
     """WORKDIR/best/<step>: the selected parameters, for prediction and probing."""
-    best = Checkpoints(run.workdir / "best", keep=1)
+    best = Checkpoints(run.workdir / BEST_DIR, keep=1)
     try:
         step = int(np.max(selector.best_step))
-        train_state = dict(
-            opt_state=state.opt_state, step=state.step, key=state.key, bad_step=state.bad_step
-        )
-        best.save(step, selector.best_params, train_state, saved_config)
-        best.wait()
+        if best.latest_step() != step:
+            best.save(step, selector.best_params, _train_state_dict(state, None), saved_config)
+            best.wait()
     finally:
         best.close()
 
 
 def _maybe_resume(
     checkpoints: Checkpoints, state: TrainState, selector: _Selector | None
-) -> TrainState:
-    """The latest checkpoint's state, if the workdir has one; otherwise `state` unchanged."""
-    latest = checkpoints.latest_step()
-    if latest is None:
-        return state
-    template = dict(
-        opt_state=state.opt_state, step=state.step, key=state.key, bad_step=state.bad_step
-    )
-    if selector is not None:
-        template["best"] = selector.state_dict()
-    try:
-        params, saved = checkpoints.restore(latest, state.params, template)
-    except Exception as err:  # a checkpoint from another model or version
+) -> tuple[TrainState, _Spent]:
+    """The newest readable checkpoint's state and progress, or (`state`, nothing spent).
+
+    The caller has checked that the checkpoints were written under this config
+    (train.start_run), so a step that fails to restore is damaged, not foreign: it is
+    moved aside with a note and the next older one is tried.
+    """
+    template = _train_state_dict(state, selector)
+    for step in sorted(checkpoints.all_steps(), reverse=True):
+        try:
+            params, saved, progress = checkpoints.restore(step, state.params, template)
+        except Exception as err:  # orbax raises many types for damaged files
+            moved = checkpoints.quarantine(step)
+            print(
+                f"note: checkpoint step {step} in {checkpoints.directory} is unreadable "
+                f"({type(err).__name__}); moved it to {moved.name} and trying an older one",
+                flush=True,
+            )
+            continue
+        if selector is not None:
+            selector.load(saved["best"])
+        print(f"resuming from checkpoint step {step} in {checkpoints.directory}", flush=True)
+        resumed = TrainState(
+            saved["step"], params, saved["opt_state"], saved["key"], saved["bad_step"]
+        )
+        return resumed, _Spent.from_saved(progress)
+    if any(checkpoints.directory.glob("*.unreadable*")):
         raise UsageError(
-            f"cannot resume from {checkpoints.directory}/{latest}: it does not match this "
-            f"config's model ({type(err).__name__}); use a new --workdir"
-        ) from None
-    if selector is not None:
-        selector.load(saved["best"])
-    print(f"resuming from checkpoint step {latest} in {checkpoints.directory}", flush=True)
-    return TrainState(saved["step"], params, saved["opt_state"], saved["key"], saved["bad_step"])
+            f"no readable checkpoint in {checkpoints.directory} (the damaged ones were moved "
+            "to *.unreadable); remove them to start over, or choose another --workdir"
+        )
+    return state, _Spent()
