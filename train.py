@@ -101,7 +101,7 @@ def start_distributed() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one experiment; returns the exit code (0, 1, 2, or 128 + signal)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    with interrupt.trap():
+    with interrupt.trap(), faults.quiet_library_noise():
         return _main(argv)
 
 
@@ -121,13 +121,15 @@ def _main(argv: list[str]) -> int:
             raise UsageError("--task is required; see `python train.py --help` for the tasks")
         import tasks
 
-        module = tasks.load(task_name)
+        with interrupt.deferred():  # imports jax & co.: not to be torn by a Ctrl-C
+            module = tasks.load(task_name)
         if wants_help:
             print(task_usage(task_name, module.Config))
             return 0
         run_opts = {k: raw.pop(k) for k in list(raw) if k in RUN_OPTIONS}
         cfg = build_config(module.Config, raw, also_known=[*RUN_OPTIONS, "task"])
-        run = start_run(task_name, cfg, run_opts)
+        with interrupt.deferred():  # W&B and TensorBoard start their helpers here
+            run = start_run(task_name, cfg, run_opts)
         summary = module.run(cfg, run)
         interrupt.raise_if_received()  # a Ctrl-C that a library swallowed is still one
         run.finish(summary)
@@ -175,7 +177,10 @@ def _report_interrupt(run, given: dict) -> int:
     if run is None:
         print(f"interrupted ({name}) before the run started; nothing was written", file=sys.stderr)
         return code
-    message = f"interrupted ({name}); checkpoints are intact"
+    from training.checkpoints import recorded_configs
+
+    saved = "checkpoints are intact" if recorded_configs(run.workdir) else "no checkpoint yet"
+    message = f"interrupted ({name}); {saved}"
     _quietly(run.fail, message, code)
     print(
         f"{message}; resume with: {resume_command(given, run.workdir)}",

@@ -98,6 +98,8 @@ def _check_field(field: dataclasses.Field, value: Any, tp: Any) -> None:
             + ", ".join(str(a) for a in typing.get_args(base))
         )
     values = value if isinstance(value, tuple) else (value,)
+    if isinstance(value, tuple):  # as it was typed: --sizes=1,2
+        value = ",".join(str(v) for v in value)
     meta = field.metadata
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int | float):

@@ -4,7 +4,12 @@ exceptions, chained, grouped or as text from C++ (tensorstore)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
+import re
+import sys
+import warnings
 from collections.abc import Iterator
 
 # errno -> what the one-line message says
@@ -20,6 +25,9 @@ _DISK_TEXTS = {
     "Disk quota exceeded": errno.EDQUOT,
     "Read-only file system": errno.EROFS,
 }
+
+# the first quoted absolute path in such a message (tensorstore quotes the file)
+_QUOTED_PATH = re.compile(r'"(/[^"]+)"')
 
 
 def _chain(err: BaseException) -> Iterator[BaseException]:
@@ -46,5 +54,41 @@ def disk_error(err: BaseException) -> str | None:
         text = str(e)
         for needle, number in _DISK_TEXTS.items():
             if needle in text:
-                return DISK_ERRNOS[number]
+                path = _QUOTED_PATH.search(text)
+                return DISK_ERRNOS[number] + (f" writing {path.group(1)}" if path else "")
     return None
+
+
+def _is_library_noise(unraisable) -> bool:
+    """What orbax's async readers leave behind when a restore fails (callbacks into an
+    event loop that is already closed, coroutines that were never awaited), and a
+    Ctrl-C that landed in a garbage-collection callback."""
+    value = unraisable.exc_value
+    if isinstance(value, KeyboardInterrupt):  # raised inside a gc callback: recorded by
+        return True  # experiment.interrupt and raised again at the next boundary
+    if isinstance(value, RuntimeError) and "Event loop is closed" in str(value):
+        return True
+    return type(unraisable.object).__name__ == "coroutine"
+
+
+@contextlib.contextmanager
+def quiet_library_noise() -> Iterator[None]:
+    """Keep a one-line error one line: drop the leftovers above and orbax's absl log
+    lines (a failure that matters reaches us as an exception, reported once)."""
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not _is_library_noise(unraisable):
+            previous_hook(unraisable)
+
+    absl = logging.getLogger("absl")
+    previous_level = absl.level
+    sys.unraisablehook = hook
+    absl.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
+            yield
+    finally:
+        sys.unraisablehook = previous_hook
+        absl.setLevel(previous_level)

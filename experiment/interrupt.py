@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator
 
 _received: int | None = None
+_deferred = 0  # > 0 inside `deferred()`: record signals, raise later
 
 
 def received() -> int | None:
@@ -42,7 +43,24 @@ def _handle(signum: int, frame) -> None:
     first = _received is None
     if first:
         _received = signum
-        raise KeyboardInterrupt
+        if not _deferred:
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Record signals without raising inside the block, then raise once it is left.
+
+    For imports of C extensions (jax, orbax, wandb): a KeyboardInterrupt in the middle
+    of one aborts the interpreter (exit 134 and a core dump) instead of unwinding.
+    """
+    global _deferred
+    _deferred += 1
+    try:
+        yield
+    finally:
+        _deferred -= 1
+    raise_if_received()
 
 
 @contextlib.contextmanager

@@ -41,7 +41,9 @@ class Options(TrainConfig):
     dataset: Literal["synthetic", "mnist"] = option("synthetic", "which data")
     mnist_dir: str | None = option(None, "directory of MNIST IDX files (else TFDS)")
     data_dir: str | None = option(None, "TFDS data directory with a prepared MNIST")
-    hidden_sizes: tuple[int, ...] = option((256,), "encoder hidden layers (decoder mirrors them)")
+    hidden_sizes: tuple[int, ...] = option(
+        (256,), "encoder hidden layers (decoder mirrors them)", min=1
+    )
     activation: Literal["relu", "tanh", "gelu", "identity"] = option("relu", "hidden activation")
     init: Literal["pytorch", "lecun"] = option(
         "pytorch", "dense-layer init: PyTorch's U(+-1/sqrt(fan_in)) or Flax's LeCun-normal"

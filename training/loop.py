@@ -365,6 +365,9 @@ def fit(
     last_saved = checkpoints.latest_step()
     progress = Progress(cfg.steps, start=step, desc=desc or run.task, enabled=run.primary)
     segment = _Segment(spent)
+    # What the newest checkpoint records; the summary reports the same numbers, so a
+    # rerun of a finished command (which trains nothing) reproduces them exactly.
+    totals = dataclasses.asdict(spent)
     stopped_early = False
 
     def guard() -> None:
@@ -385,13 +388,10 @@ def fit(
             )
 
     def save(at_step: int) -> None:
-        nonlocal last_saved
+        nonlocal last_saved, totals
+        totals = segment.totals(history, len(compiled))
         checkpoints.save(
-            at_step,
-            state.params,
-            _train_state_dict(state, selector),
-            saved_config,
-            segment.totals(history, len(compiled)),
+            at_step, state.params, _train_state_dict(state, selector), saved_config, totals
         )
         last_saved = at_step
 
@@ -443,7 +443,6 @@ def fit(
         progress.close()
         checkpoints.wait()
         checkpoints.close()
-    totals = segment.totals(history, len(compiled))
     stats = dict(
         steps=step,
         train_seconds=totals["train_seconds"],
