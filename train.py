@@ -147,6 +147,7 @@ def _main(argv: list[str]) -> int:
         if faults.disk_error(err) is not None and run is not None:
             message += f"; free space and resume with: {resume_command(given, run.workdir)}"
         print(f"error: {message}", file=sys.stderr)
+        faults.mark_reported()
         if run is not None:
             _quietly(run.fail, message, code)
         return code
@@ -174,6 +175,7 @@ def classify_failure(err: BaseException) -> tuple[str, int] | None:
 def _report_interrupt(run, given: dict) -> int:
     code = interrupt.exit_code()
     name = "SIGTERM" if code == 128 + signal.SIGTERM else "Ctrl-C"
+    faults.mark_reported()
     if run is None:
         print(f"interrupted ({name}) before the run started; nothing was written", file=sys.stderr)
         return code
@@ -258,4 +260,5 @@ def check_identity(workdir: Path, task_name: str, cfg) -> None:
 
 
 if __name__ == "__main__":
+    faults.silence_library_noise()
     sys.exit(main())

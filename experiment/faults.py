@@ -9,6 +9,7 @@ import errno
 import logging
 import re
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -46,17 +47,31 @@ def _chain(err: BaseException) -> Iterator[BaseException]:
 
 def disk_error(err: BaseException) -> str | None:
     """'no space left on device writing PATH' when `err` comes from such a fault, else None."""
+    kind = None
     for e in _chain(err):
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
-            where = f" writing {e.filename}" if e.filename else ""
-            return f"{DISK_ERRNOS[e.errno]}{where}"
+            kind = DISK_ERRNOS[e.errno]
+            if e.filename:
+                return f"{kind} writing {e.filename}"
     for e in _chain(err):
         text = str(e)
         for needle, number in _DISK_TEXTS.items():
             if needle in text:
                 path = _QUOTED_PATH.search(text)
-                return DISK_ERRNOS[number] + (f" writing {path.group(1)}" if path else "")
-    return None
+                kind = kind or DISK_ERRNOS[number]
+                if path:
+                    return f"{kind} writing {path.group(1)}"
+    return kind
+
+
+_reported = False
+
+
+def mark_reported() -> None:
+    """The run's failure has been reported in its one line: from now on, what other
+    threads, atexit handlers and garbage collection say about it is dropped."""
+    global _reported
+    _reported = True
 
 
 def _is_library_noise(unraisable) -> bool:
@@ -71,24 +86,59 @@ def _is_library_noise(unraisable) -> bool:
     return type(unraisable.object).__name__ == "coroutine"
 
 
+# loggers of libraries that report, from their own threads, a failure we report once
+_NOISY_LOGGERS = ("absl", "asyncio")
+
+
+def _quiet_hooks() -> dict:
+    """Install the filters; returns what they replaced (for `_restore`)."""
+    saved = {
+        "unraisable": sys.unraisablehook,
+        "thread": threading.excepthook,
+        "levels": {name: logging.getLogger(name).level for name in _NOISY_LOGGERS},
+    }
+    previous_unraisable, previous_thread = saved["unraisable"], saved["thread"]
+
+    def unraisable_hook(unraisable) -> None:
+        if not (_reported or _is_library_noise(unraisable)):
+            previous_unraisable(unraisable)
+
+    def thread_hook(args) -> None:
+        # a writer thread (tensorboardX, orbax) hitting the full disk: the main thread
+        # meets the same fault and reports it in one line
+        if not (_reported or (args.exc_value is not None and disk_error(args.exc_value))):
+            previous_thread(args)
+
+    sys.unraisablehook = unraisable_hook
+    threading.excepthook = thread_hook
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    return saved
+
+
+def _restore(saved: dict) -> None:
+    sys.unraisablehook = saved["unraisable"]
+    threading.excepthook = saved["thread"]
+    for name, level in saved["levels"].items():
+        logging.getLogger(name).setLevel(level)
+
+
+def silence_library_noise() -> None:
+    """`quiet_library_noise` for the rest of the process (a command-line entry point):
+    leftovers of a failure also surface while the interpreter shuts down."""
+    _quiet_hooks()
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
+
+
 @contextlib.contextmanager
 def quiet_library_noise() -> Iterator[None]:
-    """Keep a one-line error one line: drop the leftovers above and orbax's absl log
-    lines (a failure that matters reaches us as an exception, reported once)."""
-    previous_hook = sys.unraisablehook
-
-    def hook(unraisable) -> None:
-        if not _is_library_noise(unraisable):
-            previous_hook(unraisable)
-
-    absl = logging.getLogger("absl")
-    previous_level = absl.level
-    sys.unraisablehook = hook
-    absl.setLevel(logging.CRITICAL)
+    """Keep a one-line error one line: drop the leftovers above, writer threads' reports
+    of a full disk and orbax's log lines (a failure that matters reaches the main thread
+    as an exception and is reported once)."""
+    saved = _quiet_hooks()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
             yield
     finally:
-        sys.unraisablehook = previous_hook
-        absl.setLevel(previous_level)
+        _restore(saved)

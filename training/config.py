@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from experiment.config import Config, option
+from experiment.config import INT_LIMIT, Config, option
 from experiment.errors import UsageError
 
 
@@ -52,6 +52,11 @@ class TrainConfig(Config):
 
     def check(self) -> None:
         super().check()
+        if self.seed + self.num_seeds - 1 > INT_LIMIT:  # replica seeds are int32 in the program
+            raise UsageError(
+                f"--seed={self.seed} with --num_seeds={self.num_seeds}: the last replica's seed "
+                f"must be <= {INT_LIMIT}"
+            )
         if self.warmup_steps >= self.steps and self.warmup_steps > 0:
             raise UsageError(
                 f"--warmup_steps={self.warmup_steps} must be smaller than --steps={self.steps}"
