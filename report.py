@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import datetime
 import itertools
-import json
 import platform
 import shutil
 import subprocess
@@ -38,6 +37,7 @@ from experiment.workdir import (
     FAILURE_FILE,
     SUMMARY_FILE,
     json_ready,
+    read_json_object,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -602,9 +602,13 @@ def run_experiment(e: Experiment, opts, runs_dir: Path) -> Outcome:
     wanted = to_dict(build_config(tasks.load(e.task).Config, tokenize(args)))
     summary_file, config_file = workdir / SUMMARY_FILE, workdir / "config.json"
     if summary_file.exists() and config_file.exists():
-        saved = json.loads(config_file.read_text())
+        try:  # a damaged earlier result is not reused: the experiment reruns
+            saved = read_json_object(config_file, "the saved config")
+            summary = read_json_object(summary_file, "the summary")
+        except UsageError:
+            saved, summary = {}, {}
         if saved.get("task") == e.task and saved.get("config") == json_ready(wanted):
-            return Outcome(e, command, summary=json.loads(summary_file.read_text()), reused=True)
+            return Outcome(e, command, summary=summary, reused=True)
     if workdir.exists():
         shutil.rmtree(workdir)  # a different config or an unfinished run: start afresh
     full = [
@@ -617,11 +621,14 @@ def run_experiment(e: Experiment, opts, runs_dir: Path) -> Outcome:
     ]
     print(f"[report] {e.name}: {command}", flush=True)
     proc = subprocess.run(full, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode == 0 and summary_file.exists():
-        return Outcome(e, command, summary=json.loads(summary_file.read_text()))
-    error = None
-    if (workdir / FAILURE_FILE).exists():
-        error = json.loads((workdir / FAILURE_FILE).read_text())["error"]
+    try:
+        if proc.returncode == 0 and summary_file.exists():
+            return Outcome(e, command, summary=read_json_object(summary_file, "the summary"))
+        error = None
+        if (workdir / FAILURE_FILE).exists():
+            error = read_json_object(workdir / FAILURE_FILE, "the failure record").get("error")
+    except UsageError as err:
+        error = str(err)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     error = error or (lines[-1] if lines else f"exit code {proc.returncode}")
     return Outcome(e, command, error=f"exit {proc.returncode}: {error}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import os
 import random
@@ -41,6 +40,7 @@ from experiment.errors import UsageError
 from experiment.workdir import (
     FAILURE_FILE,
     SUMMARY_FILE,
+    read_json_object,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -59,9 +59,13 @@ def load_sweep_file(path: Path) -> dict:
     import yaml
 
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"sweep file {path} not found") from None
+    except UnicodeDecodeError as err:
+        raise UsageError(f"sweep file {path} is not UTF-8 text ({err.reason})") from None
+    except OSError as err:
+        raise UsageError(f"sweep file {path} cannot be read ({err.strerror or err})") from None
     except yaml.YAMLError as err:
         raise UsageError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(spec, dict):
@@ -72,7 +76,10 @@ def load_sweep_file(path: Path) -> dict:
 def task_of(spec: dict) -> tuple[str, dict[str, str]]:
     """(task name, fixed --key=value options) from the sweep's command."""
     fixed = {}
-    for item in spec.get("command") or []:
+    command = spec.get("command") or []
+    if not isinstance(command, list):
+        raise UsageError("command: expected a list like [python, train.py, --task=NAME, ...]")
+    for item in command:
         if isinstance(item, str) and item.startswith("--") and "=" in item:
             key, value = item[2:].split("=", 1)
             fixed[key] = value
@@ -85,6 +92,10 @@ def task_of(spec: dict) -> tuple[str, dict[str, str]]:
 def parameter_values(param: dict) -> list[Any]:
     """Concrete values a parameter can take, for validation (bounds for distributions)."""
     if "values" in param:
+        if not isinstance(param["values"], list) or not param["values"]:
+            raise UsageError(
+                f"values: expected a non-empty list like [1, 2, 3], got {param['values']!r}"
+            )
         return list(param["values"])
     if "value" in param:
         return [param["value"]]
@@ -106,6 +117,11 @@ def validate(spec: dict) -> tuple[str, type, dict[str, str]]:
             "remove it, or run the sweep online with `wandb agent`"
         )
     metric = spec.get("metric") or {}
+    if not isinstance(metric, dict):
+        raise UsageError(
+            f"metric: expected a mapping with name and goal (e.g. {{name: eval_loss, goal: "
+            f"minimize}}), got {metric!r}"
+        )
     if not metric.get("name") or metric.get("goal", "minimize") not in ("minimize", "maximize"):
         raise UsageError("metric needs a name and goal minimize or maximize")
     params = spec.get("parameters")
@@ -123,7 +139,11 @@ def validate(spec: dict) -> tuple[str, type, dict[str, str]]:
             raise UsageError(
                 f"parameter {name!r}: expected a mapping (values, value, or a distribution)"
             )
-        for value in parameter_values(param):
+        try:
+            values = parameter_values(param)
+        except UsageError as err:
+            raise UsageError(f"parameter {name!r}: {err}") from None
+        for value in values:
             build_config(config_cls, {**fixed, name: cli_value(value)})
     build_config(config_cls, fixed)
     sweeps = import_sweeps()
@@ -162,6 +182,26 @@ def cli_value(value: Any) -> str:
 # ----------------------------------------------------------------------- state
 
 
+def read_state(path: Path) -> dict:
+    """A saved sweep_state.json, or a UsageError when it is damaged (never a traceback)."""
+    saved = read_json_object(path, "the sweep state")
+    trials = saved.get("trials")
+    sweep_spec = saved.get("sweep")
+    well_formed = (
+        isinstance(sweep_spec, dict)
+        and isinstance(sweep_spec.get("metric"), dict)
+        and isinstance(sweep_spec.get("parameters"), dict)
+        and isinstance(trials, list)
+        and all(isinstance(t, dict) and {"id", "params", "status"} <= set(t) for t in trials)
+    )
+    if not well_formed:
+        raise UsageError(
+            f"the sweep state {path} is damaged (no sweep, metric, parameters or trial list); "
+            "restore it, or start the sweep in a new --sweep_dir"
+        )
+    return saved
+
+
 class SweepState:
     """Trials and their outcomes, saved atomically after every change."""
 
@@ -169,7 +209,7 @@ class SweepState:
         self.path = directory / STATE_FILE
         self.directory = directory
         if self.path.exists():
-            saved = json.loads(self.path.read_text())
+            saved = read_state(self.path)
             if saved["sweep"] != spec or saved["seed"] != seed:
                 raise UsageError(
                     f"--sweep_dir={directory} holds a different sweep (or seed); "
@@ -254,7 +294,11 @@ def outcome(trial: dict, code: int, directory: Path, metric: str) -> None:
     workdir = directory / trial["id"]
     summary_file, failure_file = workdir / SUMMARY_FILE, workdir / FAILURE_FILE
     if code == 0 and summary_file.exists():
-        summary = json.loads(summary_file.read_text())
+        try:
+            summary = read_json_object(summary_file, "the trial summary")
+        except UsageError as err:
+            trial.update(status="failed", error=str(err))
+            return
         value = summary.get(metric)
         if metric not in summary:
             trial.update(status="failed", error=f"metric {metric!r} not reported")
@@ -268,7 +312,10 @@ def outcome(trial: dict, code: int, directory: Path, metric: str) -> None:
             trial.update(status="finished", metric=float(value), error=None)
         return
     if failure_file.exists():
-        error = json.loads(failure_file.read_text())["error"]
+        try:
+            error = read_json_object(failure_file, "the failure record").get("error")
+        except UsageError as err:
+            error = str(err)
     else:
         log = (workdir / "trial.log").read_text(errors="replace").strip().splitlines()
         error = log[-1] if log else f"exit code {code}"
@@ -338,7 +385,7 @@ def report(directory: Path) -> None:
     state_file = directory / STATE_FILE
     if not state_file.exists():
         raise UsageError(f"--report {directory}: no {STATE_FILE} there")
-    saved = json.loads(state_file.read_text())
+    saved = read_state(state_file)
     spec, trials = saved["sweep"], saved["trials"]
     metric, goal = spec["metric"]["name"], spec["metric"].get("goal", "minimize")
     names = list(spec["parameters"])

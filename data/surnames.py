@@ -3,8 +3,9 @@
 Input: a directory of `<Language>.txt` files (UTF-8, one surname per line); the
 classes are the file names, sorted. Reading is forgiving and says what it did:
 empty lines are skipped, lines that are not valid UTF-8 are skipped and
-counted, empty files are skipped with a note, and fewer than two usable
-languages is an error.
+counted, a leading byte-order mark is dropped, empty files and entries that are
+not files (directories, dangling links) are skipped with a note, and fewer than
+two usable languages is an error.
 
 Text: Unicode NFD, combining marks removed ("Šťastný" -> "Stastny"), then
 each character is looked up in ALPHABET (ASCII letters, space and . , ; ' -);
@@ -23,6 +24,7 @@ bytes), so a changed or corrupted archive is refused.
 
 from __future__ import annotations
 
+import codecs
 import collections
 import dataclasses
 import hashlib
@@ -83,8 +85,16 @@ def read_directory(directory: Path) -> Surnames:
     files = sorted(directory.glob("*.txt"))
     notes, per_language = [], {}
     for path in files:
+        if not path.is_file():  # a directory or a dangling link named X.txt
+            notes.append(f"{path.name}: not a readable file, skipped")
+            continue
+        try:
+            content = path.read_bytes()
+        except OSError as err:
+            raise UsageError(f"--data_dir: cannot read {path} ({err.strerror or err})") from None
         names, undecodable = [], 0
-        for raw in path.read_bytes().splitlines():
+        # a byte-order mark (some editors write one) is not part of the first name
+        for raw in content.removeprefix(codecs.BOM_UTF8).splitlines():
             try:
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError:
@@ -121,7 +131,16 @@ def stratified_split(labels: np.ndarray, seed: int, fractions=(0.8, 0.1, 0.1)) -
         n_train = len(idx) - n_val - n_test
         for part, chunk in zip(parts, np.split(idx, [n_train, n_train + n_val]), strict=True):
             part.extend(chunk.tolist())
-    return [np.asarray(sorted(p), np.int64) for p in parts]
+    splits = [np.asarray(sorted(p), np.int64) for p in parts]
+    empty = [name for name, part in zip(("train", "validation", "test"), splits, strict=True)
+             if not len(part)]  # fmt: skip
+    if empty:
+        raise UsageError(
+            f"too few names to split {len(labels)} names 80/10/10 per language: the "
+            f"{' and '.join(empty)} split(s) would be empty; a language needs at least 5 names "
+            "for each split to get one"
+        )
+    return splits
 
 
 def pad(names: list[str], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:

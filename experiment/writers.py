@@ -89,6 +89,22 @@ class TensorBoardWriter:
 STEP_KEY = "train_step"
 
 
+def _start_wandb(wandb, mode: str, **init_args):
+    """wandb.init, with a user's problem (no login, no network) as a one-line UsageError."""
+    from experiment.faults import disk_error
+
+    try:
+        return wandb.init(mode=mode, **init_args)
+    except Exception as err:
+        if mode != "online" or disk_error(err) is not None:
+            raise
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(
+            f"--wandb=online: W&B could not start ({first_line}); log in with `wandb login` "
+            "or set WANDB_API_KEY, or run with --wandb=offline and `wandb sync` later"
+        ) from None
+
+
 class WandbWriter:
     """A W&B run whose files live in WORKDIR/wandb."""
 
@@ -106,10 +122,11 @@ class WandbWriter:
         self._wandb = wandb
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self._run = wandb.init(
+            self._run = _start_wandb(
+                wandb,
+                mode,
                 project=os.environ.get("WANDB_PROJECT", "rnnae"),
                 dir=str(workdir),
-                mode=mode,
                 name=os.environ.get("WANDB_NAME") or f"{task}-{workdir.name}",
                 group=task,
                 job_type=task,

@@ -29,9 +29,11 @@ import optax
 from flax import nnx
 
 from data import surnames as text
+from experiment import faults
 from experiment.config import from_dict, option
 from experiment.errors import UsageError
-from experiment.run import Run, write_json_atomic
+from experiment.run import Run
+from experiment.workdir import BEST_DIR, CHECKPOINTS_DIR, read_json_object, write_json_atomic
 from models.classifier import SequenceClassifier
 from training.checkpoints import read_config, restore_params
 from training.config import TrainConfig
@@ -371,8 +373,24 @@ def load_trained(workdir: Path) -> Trained:
     labels_file = workdir / LABELS_FILE
     if not labels_file.exists():
         raise UsageError(f"--workdir={workdir}: no {LABELS_FILE}; is it a trained surnames run?")
-    labels = json.loads(labels_file.read_text())
-    directory = workdir / "best" if (workdir / "best").is_dir() else workdir / "checkpoints"
+    labels = read_json_object(labels_file, "the label file")
+    if not (
+        isinstance(labels.get("languages"), list)
+        and all(isinstance(x, str) for x in labels["languages"])
+        and isinstance(labels.get("max_length"), int)
+    ):
+        raise UsageError(
+            f"the label file {labels_file} lacks its languages list or max_length; "
+            "restore it or retrain"
+        )
+    directory = workdir / BEST_DIR
+    if not directory.is_dir():
+        directory = workdir / CHECKPOINTS_DIR
+        print(
+            f"note: {workdir / BEST_DIR} is missing; using the last checkpoint in {directory} "
+            "instead of the early-stopped best parameters",
+            file=sys.stderr,
+        )
     step, saved = read_config(directory)
     if saved.get("task") != "surnames":
         raise UsageError(f"--workdir={workdir} holds a {saved.get('task')!r} run, not surnames")
@@ -415,7 +433,7 @@ def predict_command(args) -> None:
 def read_tsv(path: Path, languages: list[str]) -> tuple[list[str], np.ndarray]:
     """Names and label indices from `name<TAB>language` lines; UsageError on bad lines."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: drop a BOM
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"--tsv={path}: cannot read ({err})") from None
     names, labels = [], []
@@ -472,15 +490,16 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--tsv", required=True)
     evaluate.add_argument("--json", action="store_true")
     try:
-        args = parser.parse_args(argv)
-        (predict_command if args.command == "predict" else evaluate_command)(args)
+        with faults.quiet_library_noise():
+            args = parser.parse_args(argv)
+            (predict_command if args.command == "predict" else evaluate_command)(args)
         return 0
-    except argparse.ArgumentError as err:
+    except (argparse.ArgumentError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
