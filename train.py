@@ -259,6 +259,18 @@ def check_identity(workdir: Path, task_name: str, cfg) -> None:
         )
 
 
+def exit_now(code: int) -> None:
+    """Exit a failed or interrupted run without waiting for library threads: everything
+    of ours is closed by now, and a helper thread left waiting by the failure (orbax's
+    signalling threads after an interrupted save) must not keep the process alive."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     faults.silence_library_noise()
-    sys.exit(main())
+    exit_code = main()
+    if exit_code != 0:
+        exit_now(exit_code)
+    sys.exit(0)

@@ -52,15 +52,19 @@ def deferred() -> Iterator[None]:
     """Record signals without raising inside the block, then raise once it is left.
 
     For imports of C extensions (jax, orbax, wandb): a KeyboardInterrupt in the middle
-    of one aborts the interpreter (exit 134 and a core dump) instead of unwinding.
+    of one aborts the interpreter (exit 134 and a core dump) instead of unwinding. For
+    orbax calls: one torn between starting its helper threads and signalling them
+    leaves non-daemon threads waiting forever, and the process never exits.
     """
     global _deferred
+    before = _received
     _deferred += 1
     try:
         yield
     finally:
         _deferred -= 1
-    raise_if_received()
+    if before is None:  # raise only for a signal that arrived inside the block
+        raise_if_received()
 
 
 @contextlib.contextmanager

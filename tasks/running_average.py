@@ -96,6 +96,11 @@ def make_problem(cfg: Config) -> Problem:
         train_data=train,
         eval_data=held_out,
         eval_fn=eval_fn,
+        divergence_hint=(
+            "An unbounded activation can explode: --activation=tanh keeps states bounded."
+            if cfg.cell == "rnn" and cfg.activation != "tanh"
+            else ""
+        ),
     )
 
 

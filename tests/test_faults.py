@@ -498,3 +498,158 @@ def test_a_full_disk_is_one_line_exit_1_and_resumes_once_space_is_freed(tiny_dis
     final = checkpoint_arrays(workdir / "checkpoints")
     reference = checkpoint_arrays(straight / "checkpoints")
     jax.tree.map(np.testing.assert_array_equal, final[1], reference[1])
+
+
+# ------------------------------------------- every file the project reads
+
+
+def names_dir(root: Path, per_language: int = 20) -> Path:
+    """A small surnames directory: English and Russian, with a BOM in front of each file."""
+    root.mkdir()
+    for language in ("English", "Russian"):
+        names = "\n".join(f"{language}{i}" for i in range(per_language)) + "\n"
+        (root / f"{language}.txt").write_bytes(b"\xef\xbb\xbf" + names.encode())
+    return root
+
+
+def test_surname_files_drop_a_bom_and_skip_entries_that_are_not_files(tmp_path):
+    from data.surnames import read_directory
+
+    directory = names_dir(tmp_path / "names")
+    (directory / "Folder.txt").mkdir()
+    (directory / "Dangling.txt").symlink_to(tmp_path / "nowhere")
+    data = read_directory(directory)
+    assert data.languages == ["English", "Russian"]
+    assert "English0" in data.names and "Russian0" in data.names  # no '\ufeff' in front
+    assert not any(n.startswith("\ufeff") for n in data.names)
+    assert any("Folder.txt" in n for n in data.notes) and any("Dangling" in n for n in data.notes)
+
+
+def test_too_few_names_to_split_is_one_line(train_cli, tmp_path):
+    directory = names_dir(tmp_path / "names", per_language=2)
+    code, _, err = train_cli(
+        "--task=surnames", f"--data_dir={directory}", f"--workdir={tmp_path / 'w'}"
+    )
+    assert code == 2 and "too few names to split" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def tiny_surnames(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("surnames")
+    directory = names_dir(root / "names")
+    workdir = root / "run"
+    args = ["--task=surnames", f"--data_dir={directory}", "--steps=4", "--eval_every=2"]
+    assert train.main([*args, "--batch_size=8", f"--workdir={workdir}", "--wandb=disabled"]) == 0
+    return workdir
+
+
+def surnames_cli(*args: str) -> tuple[int, str, str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.surnames", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_evaluate_reads_a_tsv_with_a_bom(tiny_surnames, tmp_path):
+    tsv = tmp_path / "t.tsv"
+    tsv.write_bytes(b"\xef\xbb\xbfRussian1\tRussian\nEnglish2\tEnglish\n")
+    code, out, err = surnames_cli("evaluate", "--workdir", str(tiny_surnames), "--tsv", str(tsv))
+    assert code == 0, err
+    assert "(n=2)" in out
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [("{x", "is unreadable"), ("[]", "holds a JSON list"), ('{"languages": 3}', "lacks its")],
+)
+def test_a_damaged_label_file_is_one_line(tiny_surnames, tmp_path, content, message):
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(tiny_surnames, workdir)
+    (workdir / "labels.json").write_text(content)
+    code, _, err = surnames_cli("predict", "--workdir", str(workdir), "Smith")
+    assert code == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_predict_says_when_it_falls_back_from_the_best_parameters(tiny_surnames, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(tiny_surnames, workdir)
+    shutil.rmtree(workdir / "best")
+    code, out, err = surnames_cli("predict", "--workdir", str(workdir), "Smith")
+    assert code == 0 and "Smith:" in out
+    assert "best is missing; using the last checkpoint" in err
+
+
+SWEEP = """method: grid
+metric: {metric}
+parameters:
+  hidden_size: {param}
+command: [python, train.py, --task=running_average, --steps=2]
+"""
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (SWEEP.format(metric="eval_loss", param="{values: [4]}"), "metric: expected a mapping"),
+        (
+            SWEEP.format(metric="{name: eval_loss}", param="{values: 4}"),
+            "expected a non-empty list",
+        ),
+        (SWEEP.format(metric="{name: eval_loss}", param="{values: []}"), "non-empty list"),
+        (b"\xff\xfe\x00method", "is not UTF-8 text"),
+        (None, "cannot be read (Is a directory)"),
+    ],
+)
+def test_bad_sweep_files_are_one_line(tmp_path, capsys, content, message):
+    import sweep
+
+    path = tmp_path / "s.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code = sweep.main([str(path), "--sweep_dir", str(tmp_path / "out"), "--wandb=disabled"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content", ["{bad", '{"sweep": 1}', '{"sweep": {}, "trials": 3}', "[]"])
+def test_a_damaged_sweep_state_is_one_line_on_resume_and_report(tmp_path, capsys, content):
+    import sweep
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(SWEEP.format(metric="{name: eval_loss}", param="{values: [4]}"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sweep_state.json").write_text(content)
+    for args in ([str(spec), "--sweep_dir", str(out)], ["--report", str(out)]):
+        code = sweep.main([*args, "--wandb=disabled"])
+        err = capsys.readouterr().err
+        assert code == 2 and "sweep state" in err and "Traceback" not in err
+    assert (out / "sweep_state.json").read_text() == content  # left for the user to restore
+
+
+def test_wandb_online_without_a_login_is_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_SILENT="true", NETRC=str(tmp_path / "netrc"))
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--task=running_average", *TINY, "--steps=2",
+         f"--workdir={tmp_path / 'w'}", "--wandb=online"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "--wandb=online: W&B could not start" in proc.stderr and "wandb login" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "w" / "config.json").exists()

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from experiment import interrupt
 from experiment.errors import UsageError
 from experiment.workdir import BEST_DIR, CHECKPOINTS_DIR
 
@@ -55,7 +56,8 @@ class Checkpoints:
         )
         if progress is not None:
             items["progress"] = ocp.args.JsonSave(progress)
-        self._manager.save(step, args=ocp.args.Composite(**items))
+        with interrupt.deferred():  # never torn half-way (see experiment.interrupt)
+            self._manager.save(step, args=ocp.args.Composite(**items))
 
     def restore(
         self, step: int, params_like: Any, train_state_like: Any
@@ -68,7 +70,8 @@ class Checkpoints:
         has_progress = (self.directory / str(step) / "progress").is_dir()
         if has_progress:
             items["progress"] = ocp.args.JsonRestore()
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        with interrupt.deferred():
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         progress = restored["progress"] if has_progress else None
         return restored["params"], restored["train_state"], progress
 
@@ -85,10 +88,12 @@ class Checkpoints:
         return target
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with interrupt.deferred():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        with interrupt.deferred():
+            self._manager.close()
 
 
 def _abstract(tree: Any) -> Any:
