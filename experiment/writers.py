@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from experiment import interrupt
 from experiment.errors import UsageError
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -163,19 +164,28 @@ class MetricWriters:
         self._writers = writers
         self.last_step = 0
 
+    # Every call is shielded from Ctrl-C (experiment.interrupt.deferred): tensorboardX
+    # hands events to its writer thread through a multiprocessing queue, and a
+    # KeyboardInterrupt inside a put leaves that thread unable to stop, so `close`
+    # would wait forever. The signal is raised as soon as the call returns.
+
     def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
         self.last_step = max(self.last_step, step)
-        for w in self._writers:
-            w.scalars(step, metrics)
+        with interrupt.deferred():
+            for w in self._writers:
+                w.scalars(step, metrics)
 
     def image(self, name: str, png: Path, step: int | None = None) -> None:
-        for w in self._writers:
-            w.image(name, png, self.last_step if step is None else step)
+        with interrupt.deferred():
+            for w in self._writers:
+                w.image(name, png, self.last_step if step is None else step)
 
     def hparams(self, config: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
-        for w in self._writers:
-            w.hparams(config, summary)
+        with interrupt.deferred():
+            for w in self._writers:
+                w.hparams(config, summary)
 
     def close(self) -> None:
-        for w in self._writers:
-            w.close()
+        with interrupt.deferred():
+            for w in self._writers:
+                w.close()

@@ -28,6 +28,7 @@ from experiment.errors import UsageError
 from experiment.run import Run
 from models.recurrent import SequenceRegressor
 from tasks import running_average
+from training import memory
 from training.config import TrainConfig
 from training.loop import fit
 from training.summary import without_undefined
@@ -121,6 +122,14 @@ def measure(model: SequenceRegressor, x, y, last_target_only: bool) -> GradFlow:
     """dL/dh_t (and dL/dC_t) for every layer and step, by the perturbation trick."""
     layers = model.rnn.layers
     steps, batch = x.shape[1], x.shape[0]
+    # perturbations, their gradients, states and cell states (and autodiff's copies):
+    # about 8 arrays of (T, B, H) per layer
+    per_step = sum(layer.hidden_size for layer in layers) * np.dtype(x.dtype).itemsize
+    memory.require(
+        8 * steps * batch * per_step,
+        "the gradient-flow probe",
+        reduce="--probe_batch, --seq_len or --hidden_size",
+    )
     zeros = [jnp.zeros((steps, batch, layer.hidden_size), x.dtype) for layer in layers]
     is_lstm = layers[0].cell == "lstm"
 
@@ -210,6 +219,7 @@ def trained_or_initial_model(
     """The model at initialisation, or after `steps` of running-average training
     (then also its held-out `eval_loss`)."""
     if cfg.steps == 0:
+        memory.require_model(lambda: make_model(cfg, nnx.Rngs(cfg.seed)))
         return make_model(cfg, nnx.Rngs(cfg.seed)), {}
     train_cfg = running_average_config(cfg)
     problem = dataclasses.replace(

@@ -126,6 +126,8 @@ def spawn(args: list[str], **kw) -> subprocess.Popen:
         (["--task=autoencoder", "--hidden_sizes=-1"], "--hidden_sizes=-1: must be >= 1"),
         (["--task=autoencoder", "--hidden_sizes=8,0"], "--hidden_sizes=8,0: must be >= 1"),
         (["--task=scalar_rnn", "--w=1e300"], "overflows float32"),
+        (["--task=grad_flow", "--hidden_size=1e9"], "of memory is available"),  # used to abort
+        (["--task=grad_flow", "--hidden_size=3000", "--probe_batch=1e5"], "--probe_batch"),
         (["--task=running_average", "--clip_grad_norm=inf"], "must be a finite number"),
     ],
 )

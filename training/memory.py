@@ -61,14 +61,17 @@ def human(nbytes: float) -> str:
     raise AssertionError("unreachable")
 
 
-def require(nbytes: int, what: str, available: int | None = None) -> None:
-    """UsageError when `nbytes` (described by `what`) exceeds the memory available."""
-    available = available_bytes() if available is None else available
+SIZE_OPTIONS = "the sizes (e.g. --hidden_size, --latent_dim, --batch_size, --num_seeds)"
+
+
+def require(nbytes: int, what: str, reduce: str = SIZE_OPTIONS) -> None:
+    """UsageError when `nbytes` (described by `what`) exceeds the memory available;
+    `reduce` names the options that set the size."""
+    available = available_bytes()
     if available is not None and nbytes > available:
         raise UsageError(
             f"{what} needs about {human(nbytes)} but {human(available)} of memory is "
-            "available; reduce the sizes (e.g. --hidden_size, --latent_dim, --batch_size, "
-            "--num_seeds)"
+            f"available; reduce {reduce}"
         )
 
 
@@ -82,3 +85,12 @@ def compiled_bytes(compiled) -> int | None:
     if stats is None:
         return None
     return int(stats.output_size_in_bytes + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def require_model(make_model, what: str = "the model") -> None:
+    """UsageError when the parameters `make_model()` would create cannot fit; checked on
+    shapes alone (nnx.eval_shape), before anything is allocated. For models built
+    outside the training loop, which checks its own state."""
+    from flax import nnx
+
+    require(tree_bytes(nnx.state(nnx.eval_shape(make_model))), what)
