@@ -178,8 +178,8 @@ def restore_params(checkpoint_dir: Path, step: int, params_like: Any) -> Any:
         )
     except Exception as err:
         raise UsageError(
-            f"checkpoint {checkpoint_dir}/{step}: parameters do not match the model "
-            f"of its saved config ({err})"
+            f"checkpoint {checkpoint_dir}/{step}: parameters are unreadable or do not match "
+            f"the model of its saved config ({type(err).__name__}); choose another --step"
         ) from None
     finally:
         manager.close()
