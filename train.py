@@ -11,6 +11,12 @@ run that failed (e.g. a non-finite loss, a full disk), 130 interrupted by Ctrl-C
 
 from __future__ import annotations
 
+# First, before anything slow is imported: from here on a Ctrl-C is recorded and
+# reported in one line (experiment.interrupt), not a traceback from an import.
+from experiment import interrupt
+
+interrupt.install_early()
+
 import contextlib
 import os
 import shlex
@@ -21,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-from experiment import faults, interrupt
+from experiment import faults
 from experiment.config import build_config, config_help, tokenize
 from experiment.errors import RunFailed, UsageError
 
@@ -111,6 +117,7 @@ def _main(argv: list[str]) -> int:
     run = None
     given: dict[str, str | None] = {}
     try:
+        interrupt.raise_if_received()  # a Ctrl-C during start-up (install_early)
         raw = tokenize(argv)
         given = dict(raw)
         task_name = raw.pop("task", None)
@@ -140,7 +147,7 @@ def _main(argv: list[str]) -> int:
     except BaseException as err:
         if interrupt.received():  # the interrupt surfaced as another error
             return _report_interrupt(run, given)
-        failure = classify_failure(err)
+        failure = classify_failure(err, run.workdir if run is not None else None)
         if failure is None:
             raise  # a bug: keep its traceback
         message, code = failure
@@ -156,7 +163,7 @@ def _main(argv: list[str]) -> int:
             _quietly(run.close)
 
 
-def classify_failure(err: BaseException) -> tuple[str, int] | None:
+def classify_failure(err: BaseException, workdir: Path | None = None) -> tuple[str, int] | None:
     """(one-line message, exit code) for an expected kind of failure, None for a bug."""
     if isinstance(err, UsageError | RunFailed):
         return str(err), err.exit_code
@@ -166,7 +173,7 @@ def classify_failure(err: BaseException) -> tuple[str, int] | None:
             "--batch_size, --num_train, --num_seeds)",
             2,
         )
-    disk = faults.disk_error(err)
+    disk = faults.disk_error(err, workdir)
     if disk is not None:
         return disk, 1
     return None

@@ -45,8 +45,10 @@ def _chain(err: BaseException) -> Iterator[BaseException]:
         todo += list(getattr(e, "exceptions", ()))
 
 
-def disk_error(err: BaseException) -> str | None:
-    """'no space left on device writing PATH' when `err` comes from such a fault, else None."""
+def disk_error(err: BaseException, where: object = None) -> str | None:
+    """'no space left on device writing PATH' when `err` comes from such a fault, else None.
+
+    `where` (e.g. the workdir) is named when the error itself names no file."""
     kind = None
     for e in _chain(err):
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
@@ -61,6 +63,8 @@ def disk_error(err: BaseException) -> str | None:
                 kind = kind or DISK_ERRNOS[number]
                 if path:
                     return f"{kind} writing {path.group(1)}"
+    if kind is not None and where is not None:
+        return f"{kind} writing into {where}"
     return kind
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 _received: int | None = None
 _deferred = 0  # > 0 inside `deferred()`: record signals, raise later
+_early = False  # installed by `install_early()`, not yet taken over by `trap()`
 
 
 def received() -> int | None:
@@ -43,8 +44,19 @@ def _handle(signum: int, frame) -> None:
     first = _received is None
     if first:
         _received = signum
-        if not _deferred:
+        if not (_deferred or _early):
             raise KeyboardInterrupt
+
+
+def install_early() -> None:
+    """Record SIGINT and SIGTERM from now on without raising (for a command-line entry
+    point, before its imports); `trap()` takes over and the entry point raises what
+    was recorded with `raise_if_received()` once it can report it."""
+    global _early
+    if threading.current_thread() is threading.main_thread():
+        _early = True
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, _handle)
 
 
 @contextlib.contextmanager
@@ -70,11 +82,13 @@ def deferred() -> Iterator[None]:
 @contextlib.contextmanager
 def trap() -> Iterator[None]:
     """Handle SIGINT and SIGTERM as above inside the block (main thread only)."""
-    global _received
+    global _received, _early
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _received = None
+    if not _early:  # a fresh trap; after install_early(), keep what start-up recorded
+        _received = None
+    _early = False
     previous = {s: signal.signal(s, _handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield

@@ -503,7 +503,7 @@ class _Segment:
     def totals(self, history: list[dict[str, Any]], compilations: int) -> dict[str, Any]:
         loop = time.perf_counter() - self.start
         return dict(
-            history=history,
+            history=list(history),  # a copy: orbax serialises it later, in another thread
             train_seconds=self.spent.train_seconds + loop - self.compile_seconds,
             compile_seconds=self.spent.compile_seconds + self.compile_seconds,
             loop_seconds=self.spent.loop_seconds + loop,
