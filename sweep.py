@@ -37,6 +37,7 @@ from typing import Any
 
 from experiment.config import build_config, suggest
 from experiment.errors import UsageError
+from experiment.figures import pyplot
 from experiment.workdir import (
     FAILURE_FILE,
     SUMMARY_FILE,
@@ -427,10 +428,7 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def plot_results(directory: Path, names: list[str], done: list[dict], metric: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), squeeze=False)
     values = [t["metric"] for t in done]

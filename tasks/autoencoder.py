@@ -24,6 +24,7 @@ from data import datasets
 from data.datasets import Data
 from experiment.config import option
 from experiment.errors import UsageError
+from experiment.figures import pyplot
 from experiment.run import Run
 from models.autoencoders import Autoencoder, add_noise, apply_mask, random_mask
 from training.config import TrainConfig
@@ -214,8 +215,7 @@ def probe_model(cfg: Options, model: Autoencoder, data: Data) -> dict[str, float
 
 def evaluate_replicas(cfg: Config, result: FitResult, data: Data) -> dict[str, np.ndarray]:
     """probe_model for every trained replica: {metric: (S,) or scalar}."""
-    replicas = range(result.num_seeds) if result.num_seeds > 1 else [None]
-    rows = [probe_model(cfg, result.model(r), data) for r in replicas]
+    rows = [probe_model(cfg, result.model(r), data) for r in range(result.num_seeds)]
     stacked = {k: np.asarray([row[k] for row in rows]) for k in rows[0]}
     return stacked if result.num_seeds > 1 else {k: v[0] for k, v in stacked.items()}
 
@@ -248,15 +248,12 @@ def run(cfg: Config, run: Run) -> dict:
     )
     plot_curve(run, result)
     if data.image_shape is not None:
-        plot_reconstructions(cfg, run, result.model(0 if result.num_seeds > 1 else None), data)
+        plot_reconstructions(cfg, run, result.model(), data)
     return summary
 
 
 def plot_curve(run: Run, result: FitResult) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if not result.history:
         return
@@ -274,10 +271,7 @@ def plot_reconstructions(
 ) -> None:
     """reconstructions.png: test inputs, their corrupted versions, the outputs from those,
     and (for denoising / masked) the outputs from the clean inputs, which recon_mse scores."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     x = jnp.asarray(data.x_test[:count])
     corrupted, _ = corrupt(cfg, model, x, jax.random.key(cfg.seed + 99), data.image_shape)

@@ -25,6 +25,7 @@ from flax import nnx
 from data.running_average import make_running_average
 from experiment.config import option
 from experiment.errors import UsageError
+from experiment.figures import pyplot
 from experiment.run import Run
 from models.recurrent import SequenceRegressor
 from tasks import running_average
@@ -258,10 +259,7 @@ def describe(cfg: Config) -> str:
 
 def plot_flow(run: Run, flows: dict[str, GradFlow], name: str, title: str) -> None:
     """Left: log10 ||dL/dh_t|| (and dL/dC_t) against t; right: ||h_t|| against t."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_g, ax_h) = plt.subplots(1, 2, figsize=(11, 3.8))
     for i, (label, flow) in enumerate(flows.items()):

@@ -13,6 +13,7 @@ import dataclasses
 
 from experiment.config import option
 from experiment.errors import RunFailed, UsageError
+from experiment.figures import pyplot
 from experiment.run import Run
 from tasks import grad_flow
 
@@ -83,10 +84,7 @@ def run(cfg: Config, run: Run) -> dict:
 
 
 def plot_compare(cfg: Config, run: Run, flows) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     for col, last_only in enumerate((True, False)):

@@ -16,6 +16,7 @@ from flax import nnx
 
 from experiment.config import option
 from experiment.errors import UsageError
+from experiment.figures import pyplot
 from experiment.run import Run
 from tasks import autoencoder
 from training.loop import fit
@@ -92,10 +93,7 @@ def run(cfg: Config, run: Run) -> dict:
 
 
 def plot_study(cfg: Config, run: Run, rows: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sizes = list(rows)
     fig, (ax_r, ax_p) = plt.subplots(1, 2, figsize=(11, 3.8))

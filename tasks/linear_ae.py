@@ -35,6 +35,7 @@ from flax import nnx
 from data import datasets
 from experiment.config import option
 from experiment.errors import UsageError
+from experiment.figures import pyplot
 from experiment.run import Run
 from training.config import TrainConfig
 from training.loop import Problem, fit
@@ -227,7 +228,7 @@ def imbalance_decay(history: list) -> float | None:
 def train_one(cfg: Config, run: Run, x_centred, spec, checkpoint_dir: str) -> tuple[dict, list]:
     """(analysis of replica 0 plus the loop's timings, evaluation history)."""
     result = fit(cfg, make_problem(cfg, x_centred, spec), run, checkpoint_dir=checkpoint_dir)
-    model = result.model(0 if result.num_seeds > 1 else None)
+    model = result.model()
     w1, w2 = (np.asarray(p[...], np.float64) for p in (model.w1, model.w2))
     history = [_replica0(h) for h in result.history]
     return {**analyse(cfg, w1, w2, spec, history), **result.stats}, history
@@ -266,10 +267,7 @@ def run(cfg: Config, run: Run) -> dict:
 
 
 def plot_training(cfg: Config, run: Run, history: list) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps = [h["step"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
@@ -292,10 +290,7 @@ def plot_training(cfg: Config, run: Run, history: list) -> None:
 
 def plot_singular_values(cfg: Config, run: Run, spec: Spectrum, results: dict) -> None:
     """W2's singular values against lambda: trained points, predicted curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     eig = spec.eigenvalues[: cfg.latent_dim]
     positive = [lam for lam in results if lam > 0]

@@ -18,6 +18,7 @@ from flax import nnx
 
 from data.running_average import make_running_average
 from experiment.config import option
+from experiment.figures import pyplot
 from experiment.run import Run
 from models.recurrent import SequenceRegressor
 from training.config import TrainConfig
@@ -126,12 +127,9 @@ def count_params(result: FitResult) -> int:
 
 def plot_results(cfg: Config, run: Run, result: FitResult, held_out: dict) -> None:
     """predictions.png (three held-out sequences), error_by_step.png, eval_curve.png."""
-    import matplotlib
+    plt = pyplot()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    model = result.model(0 if result.num_seeds > 1 else None)
+    model = result.model()
     x, y = held_out["x"][:3], held_out["y"][:3]
     pred = np.asarray(model(jnp.asarray(x)))
     t = np.arange(1, cfg.seq_len + 1)

@@ -25,6 +25,7 @@ import numpy as np
 from experiment.config import Config as BaseConfig
 from experiment.config import option
 from experiment.errors import UsageError
+from experiment.figures import pyplot
 from experiment.run import Run
 
 T3_NAMES = ("p", "q", "r", "s", "t", "y")
@@ -123,10 +124,7 @@ def run(cfg: Config, run: Run) -> dict:
 
 def plot_edges(run: Run, result: dict) -> None:
     """edge_contributions.png: how much each use of w contributes to dy/dw."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     edges = result["edge_contributions"]
     t = np.arange(1, len(edges) + 1)

@@ -32,6 +32,7 @@ from data import surnames as text
 from experiment import faults
 from experiment.config import from_dict, option
 from experiment.errors import UsageError
+from experiment.figures import pyplot
 from experiment.run import Run
 from experiment.workdir import BEST_DIR, CHECKPOINTS_DIR, read_json_object, write_json_atomic
 from models.classifier import SequenceClassifier
@@ -306,7 +307,7 @@ def evaluate_result(cfg: Config, run: Run, result: FitResult, prepared: Prepared
             {"accuracy": test["accuracy"], "macro_accuracy": test["macro_accuracy"]}, "test_"
         ),
     }
-    model = result.model(0 if result.num_seeds > 1 else None)
+    model = result.model()
     split = prepared.splits["test"]
     predictions = predict_logits(model, split).argmax(-1)
     recall = per_class_recall(predictions, split["labels"], num_classes)
@@ -330,10 +331,7 @@ def plot_confusion(
     run: Run, predictions: np.ndarray, labels: np.ndarray, languages: list[str]
 ) -> None:
     """confusion_matrix.png: rows (true language) normalised to 1."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = len(languages)
     counts = np.zeros((n, n))

@@ -92,13 +92,13 @@ class FitResult:
     stats: dict[str, float]
     eval_fn: Callable[[Any, Any], dict[str, jax.Array]] | None = None
 
-    def model(self, replica: int | None = None) -> nnx.Module:
-        """The trained model (one replica's, when several were trained)."""
+    def model(self, replica: int = 0) -> nnx.Module:
+        """The trained model; with several replicas, replica `replica` (seed + replica)."""
         params = self.params
-        if replica is not None:
+        if self.num_seeds > 1:
             params = jax.tree.map(lambda a: a[replica], params)
-        elif self.num_seeds > 1:
-            raise ValueError("several replicas were trained: pass replica=")
+        elif replica != 0:
+            raise ValueError(f"replica={replica}: only one replica was trained")
         return nnx.merge(self.graphdef, params)
 
     def evaluate(self, data: Any, max_rows: int = 4096) -> dict[str, np.ndarray]:
