@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)  ## the main job: running-average regression on generated data
 	$(PY) train.py --task=running_average $(ARGS)
 
-lint: $(STAMP)
+lint: $(STAMP)  ## what .pre-commit-config.yaml runs too
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 format: $(STAMP)
 	$(PY) -m ruff format .

@@ -178,8 +178,8 @@ def tokenize(argv: Iterable[str]) -> dict[str, str | None]:
         token = argv[i]
         if not token.startswith("--") or token == "--":
             raise UsageError(f"unexpected argument {token!r}; options look like --key=value")
-        key, has_value, value = token[2:].partition("=")
-        key = key.replace("-", "_")
+        key, separator, value = token[2:].partition("=")
+        key, has_value = key.replace("-", "_"), bool(separator)
         if not has_value:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if nxt is not None and not nxt.startswith("--"):
@@ -231,7 +231,7 @@ def from_dict(cls: type[Config], data: Mapping[str, Any]) -> Config:
     unknown = sorted(set(data) - names)
     if unknown:
         raise UsageError(f"saved config has options this version does not know: {unknown}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     return cls(**values)
 
 

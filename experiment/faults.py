@@ -11,7 +11,8 @@ import re
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 # errno -> what the one-line message says
 DISK_ERRNOS = {
@@ -34,7 +35,7 @@ _QUOTED_PATH = re.compile(r'"(/[^"]+)"')
 def _chain(err: BaseException) -> Iterator[BaseException]:
     """`err`, its causes and contexts, and the members of exception groups, each once."""
     seen: set[int] = set()
-    todo = [err]
+    todo: list[BaseException | None] = [err]
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:
@@ -94,24 +95,31 @@ def _is_library_noise(unraisable) -> bool:
 _NOISY_LOGGERS = ("absl", "asyncio")
 
 
-def _quiet_hooks() -> dict:
+class _Hooks(NamedTuple):
+    """What `_quiet_hooks` replaced."""
+
+    unraisable: Callable
+    thread: Callable
+    levels: dict[str, int]
+
+
+def _quiet_hooks() -> _Hooks:
     """Install the filters; returns what they replaced (for `_restore`)."""
-    saved = {
-        "unraisable": sys.unraisablehook,
-        "thread": threading.excepthook,
-        "levels": {name: logging.getLogger(name).level for name in _NOISY_LOGGERS},
-    }
-    previous_unraisable, previous_thread = saved["unraisable"], saved["thread"]
+    saved = _Hooks(
+        sys.unraisablehook,
+        threading.excepthook,
+        {name: logging.getLogger(name).level for name in _NOISY_LOGGERS},
+    )
 
     def unraisable_hook(unraisable) -> None:
         if not (_reported or _is_library_noise(unraisable)):
-            previous_unraisable(unraisable)
+            saved.unraisable(unraisable)
 
     def thread_hook(args) -> None:
         # a writer thread (tensorboardX, orbax) hitting the full disk: the main thread
         # meets the same fault and reports it in one line
         if not (_reported or (args.exc_value is not None and disk_error(args.exc_value))):
-            previous_thread(args)
+            saved.thread(args)
 
     sys.unraisablehook = unraisable_hook
     threading.excepthook = thread_hook
@@ -120,10 +128,10 @@ def _quiet_hooks() -> dict:
     return saved
 
 
-def _restore(saved: dict) -> None:
-    sys.unraisablehook = saved["unraisable"]
-    threading.excepthook = saved["thread"]
-    for name, level in saved["levels"].items():
+def _restore(saved: _Hooks) -> None:
+    sys.unraisablehook = saved.unraisable
+    threading.excepthook = saved.thread
+    for name, level in saved.levels.items():
         logging.getLogger(name).setLevel(level)
 
 

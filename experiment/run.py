@@ -54,7 +54,7 @@ class Run:
         self.config_dict = to_dict(cfg)
         self.primary = is_primary_process()
         self._lock = lock
-        writers = []
+        writers: list[TensorBoardWriter | WandbWriter] = []
         if self.primary:  # in a multi-host run only process 0 writes files and logs
             # W&B first: it is what fails for a user's reasons (no login), and then
             # nothing else has been written

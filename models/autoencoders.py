@@ -110,6 +110,8 @@ def random_mask(
     patches of an image of `image_shape` (flattened row-major).
     """
     if patch_size:
+        if image_shape is None:
+            raise ValueError("patch masks need the image_shape")
         height, width = image_shape
         grid = (height // patch_size, width // patch_size)
         units = grid[0] * grid[1]
@@ -132,5 +134,7 @@ def apply_mask(
     if fill == "scaled":
         return jnp.where(hidden, 0.0, x / (1.0 - ratio))
     if fill == "token":
+        if token is None:
+            raise ValueError("mask fill 'token' needs the learned token")
         return jnp.where(hidden, token, x)
     raise ValueError(f"unknown mask fill {fill!r}")

@@ -88,6 +88,8 @@ class SequenceClassifier(nnx.Module):
 
     def ngram_features(self, ngrams_BxM: jax.Array) -> jax.Array:
         """Mean embedding of the non-padding n-gram ids of each row."""
+        if self.ngram_embed is None:
+            raise ValueError("this classifier has no n-gram bag (ngram_buckets=0)")
         valid = (ngrams_BxM > 0).astype(jnp.float32)[..., None]
         total = jnp.sum(self.ngram_embed(ngrams_BxM) * valid, axis=1)
         return total / jnp.maximum(jnp.sum(valid, axis=1), 1.0)

@@ -107,6 +107,8 @@ class FitResult:
         eval_fn metrics must be means over examples (chunks are combined weighted by
         size). Values have shape (num_seeds,) when replicated, else are scalars.
         """
+        if self.eval_fn is None:
+            raise ValueError("this problem has no eval_fn")
         n = jax.tree.leaves(data)[0].shape[0]
         totals: dict[str, np.ndarray] = {}
         for start in range(0, n, max_rows):
@@ -153,7 +155,8 @@ def init_train_state(problem: Problem, tx, cfg: TrainConfig) -> tuple[Any, Train
         "training the model (parameters, optimizer state, gradients)",
     )
     # Runs once: cheap XLA optimisation cuts its compile time by a third.
-    return graphdef, lowered.compile({"xla_backend_optimization_level": 0})(seed_arg)
+    options = {"xla_backend_optimization_level": 0}
+    return graphdef, lowered.compile(options)(seed_arg)  # type: ignore[arg-type]
 
 
 def _cast_floats(tree, dtype):
@@ -253,11 +256,10 @@ class _Selector:
     """Best parameters so far by an eval metric, per replica, kept on the device."""
 
     def __init__(self, problem: Problem, params, num_seeds: int):
-        self.metric, self.mode, self.patience = (
-            problem.select_metric,
-            problem.select_mode,
-            problem.patience,
-        )
+        if problem.select_metric is None:
+            raise ValueError("a selector needs the problem's select_metric")
+        self.metric: str = problem.select_metric
+        self.mode, self.patience = problem.select_mode, problem.patience
         shape = (num_seeds,) if num_seeds > 1 else ()
         worst = -np.inf if self.mode == "max" else np.inf
         self.best_value = np.full(shape, worst)
