@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import types
 import typing
@@ -59,6 +60,38 @@ class Config:
 
     def check(self) -> None:
         """Cross-field rules; raise `UsageError` naming the bad value."""
+
+
+def with_defaults(**defaults: Any):
+    """Class decorator: new defaults for inherited options, keeping their type, help text
+    and bounds (one declaration per option). Put it under `@dataclasses.dataclass`:
+
+        @dataclasses.dataclass(frozen=True)
+        @with_defaults(steps=3000, lr_schedule="cosine")
+        class Config(TrainConfig): ...
+    """
+
+    def apply(cls: type) -> type:
+        inherited = {
+            f.name: (f, base)
+            for base in reversed(cls.__mro__[1:])
+            if dataclasses.is_dataclass(base)
+            for f in dataclasses.fields(base)
+        }
+        # the class's own annotations (not a base's), where dataclass looks for fields
+        annotations = dict(inspect.get_annotations(cls))
+        cls.__annotations__ = annotations
+        for name, default in defaults.items():
+            if name not in inherited:
+                raise TypeError(f"{cls.__name__}: no inherited option {name!r} to give a default")
+            if name in annotations:
+                raise TypeError(f"{cls.__name__}: {name!r} is declared here; set its default there")
+            field, base = inherited[name]
+            annotations[name] = _field_type(base, name)
+            setattr(cls, name, option(default, **field.metadata))
+        return cls
+
+    return apply
 
 
 def _field_type(cls: type, name: str) -> Any:

@@ -22,7 +22,7 @@ from flax import nnx
 
 from data import datasets
 from data.datasets import Data
-from experiment.config import option
+from experiment.config import option, with_defaults
 from experiment.errors import UsageError
 from experiment.figures import pyplot
 from experiment.run import Run
@@ -36,6 +36,7 @@ DEFAULT_STEPS = TrainConfig.steps
 
 
 @dataclasses.dataclass(frozen=True)
+@with_defaults(eval_every=1000)
 class Options(TrainConfig):
     """Every autoencoder option but the latent size (shared with `latent_study`)."""
 
@@ -76,7 +77,6 @@ class Options(TrainConfig):
     )
     probe_standardize: bool = option(False, "standardise probe features (can hurt on pixels)")
     probe_iterations: int = option(100, "L-BFGS iterations of the probe", min=1)
-    eval_every: int = option(1000, "steps between evaluations", min=1)
 
     def check(self) -> None:
         super().check()

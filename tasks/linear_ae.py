@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from data import datasets
-from experiment.config import option
+from experiment.config import option, with_defaults
 from experiment.errors import UsageError
 from experiment.figures import pyplot
 from experiment.run import Run
@@ -55,6 +55,7 @@ class LinearAutoencoder(nnx.Module):
 
 
 @dataclasses.dataclass(frozen=True)
+@with_defaults(steps=20_000, learning_rate=3e-3, lr_schedule="cosine")
 class Config(TrainConfig):
     dataset: Literal["synthetic", "mnist"] = option("synthetic", "which data")
     mnist_dir: str | None = option(None, "directory of MNIST IDX files (else TFDS)")
@@ -70,11 +71,7 @@ class Config(TrainConfig):
         1e-2, "imbalance ||W1 W1^T - W2^T W2||_F counted as balanced", gt=0
     )
     # defaults that reach the PCA subspace to ~0.1 degree (README / docs)
-    steps: int = option(20_000, "optimizer steps", min=1)
     batch_size: int = option(100, "points per step (1: one point at a time)", min=1)
-    learning_rate: float = option(3e-3, "peak learning rate", gt=0)
-    lr_schedule: Literal["constant", "cosine"] = option("cosine", "cosine decays to 0")
-    eval_every: int = option(500, "steps between evaluations", min=1)
 
     def check(self) -> None:
         super().check()

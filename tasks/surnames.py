@@ -30,7 +30,7 @@ from flax import nnx
 
 from data import surnames as text
 from experiment import faults
-from experiment.config import from_dict, option
+from experiment.config import from_dict, option, with_defaults
 from experiment.errors import UsageError
 from experiment.figures import pyplot
 from experiment.run import Run
@@ -45,6 +45,7 @@ LABELS_FILE = "labels.json"
 
 
 @dataclasses.dataclass(frozen=True)
+@with_defaults(learning_rate=3e-3, optimizer="adamw", lr_schedule="cosine")
 class Config(TrainConfig):
     data_dir: str | None = option(None, "directory of <Language>.txt files (default: download)")
     split_seed: int = option(0, "seed of the stratified 80/10/10 split", min=0)
@@ -90,12 +91,9 @@ class Config(TrainConfig):
     )
     steps: int = option(3000, "maximum optimizer steps (the cosine schedule's length)", min=1)
     batch_size: int = option(64, "names per step", min=1)
-    learning_rate: float = option(3e-3, "peak learning rate", gt=0)
-    optimizer: Literal["adam", "adamw", "sgd"] = option("adamw", "optimizer (optax)")
     weight_decay: float = option(
         0.05, "AdamW's decoupled weight decay (see --help of TrainConfig)", min=0
     )
-    lr_schedule: Literal["constant", "cosine"] = option("cosine", "learning-rate schedule")
     eval_every: int = option(225, "steps between validation evaluations (225 = one epoch)", min=1)
     log_every: int = option(225, "steps between training logs", min=1)
     checkpoint_every: int = option(2250, "steps between checkpoints", min=1)

@@ -324,7 +324,7 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
     )
     assert holder.stdout.readline().strip() == "locked"
     holder.kill()
-    holder.wait()
+    holder.communicate()  # reaps it and closes its pipe
     proc = spawn(["--task=running_average", *TINY, "--steps=2", f"--workdir={tmp_path}"])
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
