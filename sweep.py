@@ -35,6 +35,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from experiment import run_options
 from experiment.config import build_config, suggest
 from experiment.errors import UsageError
 from experiment.figures import pyplot
@@ -49,7 +50,6 @@ from experiment.workdir import (
 REPO = Path(__file__).resolve().parent
 STATE_FILE = "sweep_state.json"
 METHODS = ("grid", "random", "bayes")
-RUN_OPTIONS = ("workdir", "wandb", "compilation_cache")
 
 
 # ------------------------------------------------------------------ sweep file
@@ -132,7 +132,7 @@ def validate(spec: dict) -> tuple[str, type, dict[str, str]]:
     config_cls = tasks.load(task).Config
     names = [f for f in config_cls.__dataclass_fields__]
     for name, param in params.items():
-        if name in RUN_OPTIONS or name not in names:
+        if name in run_options.NAMES or name not in names:
             raise UsageError(
                 f"parameter {name!r} is not an option of task {task}{suggest(name, names)}"
             )

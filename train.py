@@ -31,16 +31,15 @@ from experiment import faults
 from experiment.config import build_config, config_help, tokenize
 from experiment.errors import RunFailed, UsageError
 
-RUN_OPTIONS = {
-    "workdir": "where the run writes (default runs/<task>/<timestamp>); an existing workdir "
-    "with checkpoints and the same config is resumed",
-    "wandb": "online | offline | disabled (default: $WANDB_MODE, online under `wandb agent`, "
-    "else offline: files in WORKDIR/wandb for `wandb sync`)",
-    "compilation_cache": "true | false: JAX's persistent compilation cache in "
-    "$RNNAE_CACHE_DIR or ~/.cache/rnnae/jax (default true)",
-    "distributed": "true | false: jax.distributed.initialize() for a multi-host run (coordinator "
-    "from the environment); only process 0 logs and writes files (default false)",
-}
+
+def run_options_help() -> list[str]:
+    """The run options' lines of --help, from the typed RunOptions."""
+    from experiment.run_options import NAMES, RunOptions
+
+    lines = config_help(RunOptions).splitlines()
+    keep = [i for i, line in enumerate(lines) if line.strip().startswith("--")]
+    wanted = [i for i in keep if lines[i].strip()[2:].split("=")[0] in NAMES]
+    return [line for i in wanted for line in lines[i : i + 2]]
 
 
 def usage() -> str:
@@ -48,8 +47,7 @@ def usage() -> str:
 
     lines = [__doc__.strip(), "", "Tasks:"]
     lines += [f"  {name:18s} {desc}" for name, desc in TASKS.items()]
-    lines += ["", "Options of every task:"]
-    lines += [f"  --{k}\n      {v}" for k, v in RUN_OPTIONS.items()]
+    lines += ["", "Options of every task:", *run_options_help()]
     return "\n".join(lines)
 
 
@@ -62,18 +60,9 @@ def task_usage(name: str, config_cls) -> str:
             config_help(config_cls),
             "",
             "Run options:",
-            *[f"  --{k}\n      {v}" for k, v in RUN_OPTIONS.items()],
+            *run_options_help(),
         ]
     )
-
-
-def parse_bool(name: str, text: str | None) -> bool:
-    value = "true" if text is None else text.strip().lower()
-    if value in {"true", "1", "yes", "on"}:
-        return True
-    if value in {"false", "0", "no", "off"}:
-        return False
-    raise UsageError(f"--{name}={text!r}: expected true or false")
 
 
 def enable_compilation_cache() -> None:
@@ -133,8 +122,12 @@ def _main(argv: list[str]) -> int:
         if wants_help:
             print(task_usage(task_name, module.Config))
             return 0
-        run_opts = {k: raw.pop(k) for k in list(raw) if k in RUN_OPTIONS}
-        cfg = build_config(module.Config, raw, also_known=[*RUN_OPTIONS, "task"])
+        from experiment.run_options import NAMES, RunOptions
+
+        if "workdir" in raw and not (raw["workdir"] or "").strip():
+            raise UsageError("--workdir needs a directory")
+        run_opts = build_config(RunOptions, {k: raw.pop(k) for k in list(raw) if k in NAMES})
+        cfg = build_config(module.Config, raw, also_known=[*NAMES, "task"])
         with interrupt.deferred():  # W&B and TensorBoard start their helpers here
             run = start_run(task_name, cfg, run_opts)
         summary = module.run(cfg, run)
@@ -212,28 +205,23 @@ def resume_command(given: dict[str, str | None], workdir: Path) -> str:
     return shlex.join(parts)
 
 
-def start_run(task_name: str, cfg, run_opts: dict):
+def start_run(task_name: str, cfg, opts):
     """Lock and check the workdir, then open the run's writers (UsageError if unusable).
 
-    Nothing is written into an existing workdir before the lock is held and the
-    requested config has been checked against everything the workdir records.
+    `opts`: the RunOptions. Nothing is written into an existing workdir before the lock
+    is held and the requested config has been checked against everything the workdir
+    records.
     """
     from experiment.run import Run
     from experiment.workdir import WorkdirLock, default_workdir, prepare_workdir, resolve
-    from experiment.writers import WANDB_MODES, default_wandb_mode
+    from experiment.writers import default_wandb_mode
 
-    wandb_mode = run_opts.get("wandb") or default_wandb_mode()
-    if wandb_mode not in WANDB_MODES:
-        raise UsageError(f"--wandb={wandb_mode!r}: choose one of {', '.join(WANDB_MODES)}")
-    distributed = parse_bool("distributed", run_opts.get("distributed", "false"))
-    cache = parse_bool("compilation_cache", run_opts.get("compilation_cache", "true"))
-    given = run_opts.get("workdir")
-    if "workdir" in run_opts and not given:
-        raise UsageError("--workdir needs a directory")
-    if distributed:
+    wandb_mode = opts.wandb or default_wandb_mode()
+    if opts.distributed:
         start_distributed()
-    if cache:
+    if opts.compilation_cache:
         enable_compilation_cache()
+    given = opts.workdir
     workdir = prepare_workdir(resolve(given)) if given else default_workdir(task_name)
     from experiment.run import is_primary_process
 

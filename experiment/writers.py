@@ -23,8 +23,7 @@ from typing import Any
 
 from experiment import interrupt
 from experiment.errors import UsageError
-
-WANDB_MODES = ("online", "offline", "disabled")
+from experiment.run_options import WANDB_MODES
 
 
 def default_wandb_mode() -> str:

@@ -138,3 +138,15 @@ def apply_mask(
             raise ValueError("mask fill 'token' needs the learned token")
         return jnp.where(hidden, token, x)
     raise ValueError(f"unknown mask fill {fill!r}")
+
+
+class LinearAutoencoder(nnx.Module):
+    """x -> W2 W1 x with W1 (k, m), W2 (m, k); rows are points: x_hat = x W1^T W2^T."""
+
+    def __init__(self, dim: int, latent_dim: int, init_scale: float, *, rngs: nnx.Rngs):
+        normal = nnx.initializers.normal(init_scale)
+        self.w1 = nnx.Param(normal(rngs.params(), (latent_dim, dim)))
+        self.w2 = nnx.Param(normal(rngs.params(), (dim, latent_dim)))
+
+    def __call__(self, x_BxM):
+        return x_BxM @ self.w1[...].T @ self.w2[...].T

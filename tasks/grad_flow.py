@@ -15,7 +15,6 @@ radius, and the model can first be trained on the running-average task.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,7 @@ from experiment.config import option
 from experiment.errors import UsageError
 from experiment.figures import pyplot
 from experiment.run import Run
-from models.recurrent import SequenceRegressor
+from models.recurrent import Activation, Cell, Init, SequenceRegressor
 from tasks import running_average
 from training import memory
 from training.config import TrainConfig
@@ -48,7 +47,7 @@ class FlowConfig(TrainConfig):
     spectral_radius: float | None = option(
         None, "rescale each recurrent weight block at init so that max |eigenvalue| is this", gt=0
     )
-    init: Literal["uniform", "orthogonal"] = option("orthogonal", "initialisation (see models)")
+    init: Init = option("orthogonal", "initialisation (see models)")
     forget_bias: float = option(0.0, "added to the LSTM forget-gate bias at initialisation")
     probe_batch: int = option(64, "sequences in the batch whose gradients are measured", min=1)
     data_seed: int = option(1234, "seed of the generated sequences", min=0)
@@ -59,8 +58,8 @@ class FlowConfig(TrainConfig):
 
 @dataclasses.dataclass(frozen=True)
 class Config(FlowConfig):
-    cell: Literal["rnn", "lstm", "gru"] = option("rnn", "recurrent cell")
-    activation: Literal["tanh", "relu", "identity"] = option("tanh", "RNN activation")
+    cell: Cell = option("rnn", "recurrent cell")
+    activation: Activation = option("tanh", "RNN activation")
     residual: bool = option(False, "RNN skip connection h_t = act(...) + h_{t-1}")
     last_target_only: bool = option(True, "loss on the last step only (else on every step)")
 

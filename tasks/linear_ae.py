@@ -30,28 +30,16 @@ from typing import Literal
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from data import datasets
 from experiment.config import option, with_defaults
 from experiment.errors import UsageError
 from experiment.figures import pyplot
 from experiment.run import Run
+from models.autoencoders import LinearAutoencoder
 from training.config import TrainConfig
 from training.loop import Problem, fit
 from training.probe import pca_basis
-
-
-class LinearAutoencoder(nnx.Module):
-    """x -> W2 W1 x with W1 (k, m), W2 (m, k); rows are points: x_hat = x W1^T W2^T."""
-
-    def __init__(self, dim: int, latent_dim: int, init_scale: float, *, rngs: nnx.Rngs):
-        normal = nnx.initializers.normal(init_scale)
-        self.w1 = nnx.Param(normal(rngs.params(), (latent_dim, dim)))
-        self.w2 = nnx.Param(normal(rngs.params(), (dim, latent_dim)))
-
-    def __call__(self, x_BxM):
-        return x_BxM @ self.w1[...].T @ self.w2[...].T
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,16 +12,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import jax
-from flax import nnx
-
 from data.datasets import INPUT_DIM
 from experiment.config import Config as BaseConfig
 from experiment.config import from_dict, option
 from experiment.errors import UsageError
 from experiment.run import Run
 from tasks import autoencoder
-from training.checkpoints import read_config, restore_params
+from training.checkpoints import read_config, restore_model
 
 PROBEABLE_TASKS = ("autoencoder",)
 
@@ -67,16 +64,14 @@ def load_encoder(cfg: Config) -> tuple[autoencoder.Config, autoencoder.Autoencod
     if cfg.replica >= ae_cfg.num_seeds:
         raise UsageError(f"--replica={cfg.replica}: the run trained {ae_cfg.num_seeds} replica(s)")
     dim = INPUT_DIM[ae_cfg.dataset]
-    abstract = nnx.eval_shape(lambda: autoencoder.make_model(ae_cfg, dim, nnx.Rngs(0)))
-    graphdef, params_like = nnx.split(abstract)
-    if ae_cfg.num_seeds > 1:
-        params_like = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct((ae_cfg.num_seeds, *a.shape), a.dtype), params_like
-        )
-    params = restore_params(directory, step, params_like)
-    if ae_cfg.num_seeds > 1:
-        params = jax.tree.map(lambda a: a[cfg.replica], params)
-    return ae_cfg, nnx.merge(graphdef, params), step
+    model = restore_model(
+        directory,
+        step,
+        lambda rngs: autoencoder.make_model(ae_cfg, dim, rngs),
+        ae_cfg.num_seeds,
+        cfg.replica,
+    )
+    return ae_cfg, model, step
 
 
 def run(cfg: Config, run: Run) -> dict:

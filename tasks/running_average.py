@@ -9,7 +9,6 @@ final step, so the model gets no signal about the intermediate means.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,7 @@ from data.running_average import make_running_average
 from experiment.config import option, with_defaults
 from experiment.figures import pyplot
 from experiment.run import Run
-from models.recurrent import SequenceRegressor
+from models.recurrent import Activation, Cell, Impl, Init, SequenceRegressor
 from training.config import TrainConfig
 from training.loop import FitResult, Problem, fit
 from training.summary import replica_summary
@@ -30,19 +29,19 @@ from training.summary import replica_summary
 # training defaults chosen so the targets are met (see BENCHMARKS.md / README)
 @with_defaults(steps=3000, lr_schedule="cosine")
 class Config(TrainConfig):
-    cell: Literal["rnn", "lstm", "gru"] = option("rnn", "recurrent cell")
+    cell: Cell = option("rnn", "recurrent cell")
     num_layers: int = option(1, "stacked recurrent layers", min=1)
     hidden_size: int = option(32, "hidden units per layer", min=1)
-    activation: Literal["tanh", "relu", "identity"] = option("tanh", "RNN activation")
+    activation: Activation = option("tanh", "RNN activation")
     last_step_only: bool = option(False, "loss on the final step only (else mean over all steps)")
     seq_len: int = option(16, "sequence length T", min=1)
     num_train: int = option(10_000, "training sequences", min=1)
     num_eval: int = option(2_000, "held-out sequences", min=1)
     data_seed: int = option(1234, "seed of the generated train/eval sequences", min=0)
-    init: Literal["uniform", "orthogonal"] = option(
+    init: Init = option(
         "uniform", "uniform: PyTorch-style U(+-1/sqrt(H)); orthogonal: Flax's default"
     )
-    impl: Literal["fused", "scan"] = option(
+    impl: Impl = option(
         "fused", "fused: scan with a hand-written backward pass; scan: JAX autodiff"
     )
     hoist_input: bool = option(False, "project all inputs in one matmul before the scan")

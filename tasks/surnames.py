@@ -36,7 +36,8 @@ from experiment.figures import pyplot
 from experiment.run import Run
 from experiment.workdir import BEST_DIR, CHECKPOINTS_DIR, read_json_object, write_json_atomic
 from models.classifier import SequenceClassifier
-from training.checkpoints import read_config, restore_params
+from models.recurrent import Cell
+from training.checkpoints import read_config, restore_model
 from training.config import TrainConfig
 from training.loop import FitResult, Problem, fit
 from training.summary import replica_summary
@@ -49,7 +50,7 @@ LABELS_FILE = "labels.json"
 class Config(TrainConfig):
     data_dir: str | None = option(None, "directory of <Language>.txt files (default: download)")
     split_seed: int = option(0, "seed of the stratified 80/10/10 split", min=0)
-    cell: Literal["rnn", "lstm", "gru"] = option("lstm", "recurrent cell")
+    cell: Cell = option("lstm", "recurrent cell")
     num_layers: int = option(1, "stacked recurrent layers", min=1)
     hidden_size: int = option(128, "hidden units per layer", min=1)
     input: Literal["embedding", "onehot"] = option("embedding", "character input")
@@ -393,17 +394,10 @@ def load_trained(workdir: Path) -> Trained:
     # Runs saved before the n-gram bag existed had none; the new default would not fit them.
     cfg = from_dict(Config, {"ngram_buckets": 0, **saved["config"]})
     num_classes = len(labels["languages"])
-    graphdef, params_like = nnx.split(
-        nnx.eval_shape(lambda: make_model(cfg, num_classes, nnx.Rngs(0)))
+    model = restore_model(  # replica 0 of a multi-seed run
+        directory, step, lambda rngs: make_model(cfg, num_classes, rngs), cfg.num_seeds
     )
-    if cfg.num_seeds > 1:
-        params_like = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct((cfg.num_seeds, *a.shape), a.dtype), params_like
-        )
-    params = restore_params(directory, step, params_like)
-    if cfg.num_seeds > 1:
-        params = jax.tree.map(lambda a: a[0], params)  # replica 0
-    return Trained(nnx.merge(graphdef, params), labels["languages"], labels["max_length"], cfg)
+    return Trained(model, labels["languages"], labels["max_length"], cfg)
 
 
 def probabilities(trained: Trained, names: list[str]) -> np.ndarray:

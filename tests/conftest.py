@@ -14,6 +14,23 @@ os.environ.setdefault(
 )
 
 REPO = Path(__file__).resolve().parents[1]
+
+# One tiny configuration per task, shared by every test that runs it (steps and
+# other test-specific options are added where used).
+TINY_ARGS: dict[str, list[str]] = {
+    "running_average": [
+        *("--num_train=256", "--num_eval=64", "--batch_size=32", "--hidden_size=8"),
+        "--seq_len=8",
+    ],
+    "autoencoder": [
+        *("--batch_size=128", "--epochs=0", "--num_train=1000", "--num_test=500"),
+        *("--hidden_sizes=64", "--probe_iterations=30", "--eval_every=50"),
+    ],
+    "surnames": [
+        *("--hidden_size=32", "--embedding_dim=16", "--steps=300", "--eval_every=100"),
+        *("--log_every=100", "--checkpoint_every=300", "--batch_size=64", "--learning_rate=1e-2"),
+    ],
+}
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 

@@ -11,20 +11,12 @@ from flax import nnx
 
 from models.autoencoders import Autoencoder, add_noise, apply_mask, random_mask
 from tasks import autoencoder
+from tests.conftest import TINY_ARGS
 
 
 def fast(steps: int = 150) -> list[str]:
-    """A small, quick autoencoder configuration."""
-    return [
-        f"--steps={steps}",
-        "--batch_size=128",
-        "--epochs=0",
-        "--num_train=1000",
-        "--num_test=500",
-        "--hidden_sizes=64",
-        "--probe_iterations=30",
-        "--eval_every=50",
-    ]
+    """The shared tiny autoencoder configuration, trained for `steps`."""
+    return [f"--steps={steps}", *TINY_ARGS["autoencoder"]]
 
 
 def test_noise_has_the_requested_scale():

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_ARGS
 
-TINY = ["--steps=4", "--num_train=64", "--num_eval=32", "--batch_size=16", "--hidden_size=4"]
+TINY = [*TINY_ARGS["running_average"], "--steps=4"]
 
 
 def test_help_lists_tasks_and_task_help_lists_options(train_cli):
@@ -33,7 +33,7 @@ def test_help_lists_tasks_and_task_help_lists_options(train_cli):
         (["--task=running_average", "--hidden_size=big"], "--hidden_size='big': expected int"),
         (["--task=running_average", "--cell=transformer"], "choose one of rnn, lstm, gru"),
         (["--task=running_average", "--learning_rate=0"], "must be > 0"),
-        (["--task=running_average", "--wandb=maybe"], "--wandb='maybe': choose one of"),
+        (["--task=running_average", "--wandb=maybe"], "--wandb='maybe' is not accepted; choose"),
         (
             ["--task=running_average", "--batch_size=100", "--num_train=10"],
             "larger than the training set",

@@ -22,10 +22,10 @@ import pytest
 import train
 from experiment.run import non_finite_keys
 from experiment.workdir import WorkdirLock
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_ARGS
 from training.checkpoints import Checkpoints
 
-TINY = ["--num_train=256", "--num_eval=64", "--batch_size=32", "--hidden_size=8", "--seq_len=8"]
+TINY = TINY_ARGS["running_average"]
 RESUMABLE = [
     "--task=running_average",
     *TINY,

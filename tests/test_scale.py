@@ -11,12 +11,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 import train
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_ARGS
 
-TINY = [
-    *("--task=running_average", "--num_train=256", "--num_eval=64", "--batch_size=32"),
-    *("--hidden_size=8", "--seq_len=8", "--steps=40", "--wandb=disabled"),
-]
+TINY = ["--task=running_average", *TINY_ARGS["running_average"], "--steps=40", "--wandb=disabled"]
 
 
 def final_params(workdir):

@@ -10,11 +10,9 @@ import pytest
 from data import surnames as text
 from experiment.errors import UsageError
 from tasks import surnames
+from tests.conftest import TINY_ARGS
 
-TINY = [
-    *("--hidden_size=32", "--embedding_dim=16", "--steps=300", "--eval_every=100"),
-    *("--log_every=100", "--checkpoint_every=300", "--batch_size=64", "--learning_rate=1e-2"),
-]
+TINY = TINY_ARGS["surnames"]
 
 
 def test_normalisation_unknown_characters_and_padding():

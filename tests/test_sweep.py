@@ -9,10 +9,9 @@ import pytest
 import yaml
 
 import sweep
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_ARGS
 
-TINY = ["--steps=3", "--num_train=64", "--num_eval=16", "--batch_size=16", "--hidden_size=4",
-        "--seq_len=4", "--log_every=1"]  # fmt: skip
+TINY = [*TINY_ARGS["running_average"], "--steps=3", "--log_every=1"]
 
 
 def write_sweep(path, parameters, method="grid", metric="eval_loss", goal="minimize", extra=None):

@@ -9,11 +9,12 @@ import pytest
 
 import train
 from tasks import running_average
+from tests.conftest import TINY_ARGS
 from training.checkpoints import Checkpoints
 from training.loop import init_train_state, make_train_step
 from training.optim import make_optimizer
 
-TINY = ["--num_train=256", "--num_eval=64", "--batch_size=32", "--hidden_size=8", "--seq_len=8"]
+TINY = TINY_ARGS["running_average"]
 
 
 def tiny_problem(**overrides):

@@ -184,3 +184,20 @@ def restore_params(checkpoint_dir: Path, step: int, params_like: Any) -> Any:
     finally:
         manager.close()
     return restored["params"]
+
+
+def restore_model(checkpoint_dir: Path, step: int, make_model, num_seeds: int, replica: int = 0):
+    """The model `make_model(rngs)` builds, with the parameters of checkpoint `step` (one
+    replica's when the run trained `num_seeds` > 1 in one program). Shapes come from
+    `nnx.eval_shape`, so nothing is initialised only to be overwritten."""
+    from flax import nnx
+
+    graphdef, params_like = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(0))))
+    if num_seeds > 1:  # the checkpoint holds every replica along a leading axis
+        params_like = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct((num_seeds, *a.shape), a.dtype), params_like
+        )
+    params = restore_params(checkpoint_dir, step, params_like)
+    if num_seeds > 1:
+        params = jax.tree.map(lambda a: a[replica], params)
+    return nnx.merge(graphdef, params)
