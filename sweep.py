@@ -284,10 +284,11 @@ def launch(trial: dict, task: str, fixed: dict, directory: Path, wandb: str) -> 
     command = [sys.executable, str(REPO / "train.py"), f"--task={task}", *args,
                f"--workdir={workdir}", f"--wandb={wandb}"]  # fmt: skip
     workdir.mkdir(parents=True, exist_ok=True)
-    log = open(workdir / "trial.log", "ab")  # noqa: SIM115 - closed when the process ends
-    return subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
-    )
+    # the child gets its own copy of the descriptor; ours is closed at once
+    with open(workdir / "trial.log", "ab") as log:
+        return subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+        )
 
 
 def outcome(trial: dict, code: int, directory: Path, metric: str) -> None:

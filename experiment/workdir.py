@@ -37,6 +37,12 @@ CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
 
 
+def checkpoints_dir(workdir: Path, model: str | None = None) -> Path:
+    """WORKDIR/checkpoints, or WORKDIR/checkpoints/<model> for one of several models."""
+    root = workdir / CHECKPOINTS_DIR
+    return root if model is None else root / model
+
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

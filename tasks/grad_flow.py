@@ -214,7 +214,7 @@ def running_average_config(cfg: Config) -> running_average.Config:
 
 
 def trained_or_initial_model(
-    cfg: Config, run: Run, checkpoint_dir=None
+    cfg: Config, run: Run, model: str | None = None
 ) -> tuple[SequenceRegressor, dict[str, float]]:
     """The model at initialisation, or after `steps` of running-average training
     (then also its held-out `eval_loss`)."""
@@ -225,7 +225,7 @@ def trained_or_initial_model(
     problem = dataclasses.replace(
         running_average.make_problem(train_cfg), make_model=lambda rngs: make_model(cfg, rngs)
     )
-    result = fit(train_cfg, problem, run, checkpoint_dir=checkpoint_dir)
+    result = fit(train_cfg, problem, run, model=model)
     return result.model(), {"eval_loss": float(result.evaluate(problem.eval_data)["loss"])}
 
 

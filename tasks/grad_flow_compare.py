@@ -62,7 +62,7 @@ def run(cfg: Config, run: Run) -> dict:
             loss = "last" if last_only else "all"
             try:
                 model, trained = grad_flow.trained_or_initial_model(
-                    vcfg, run, checkpoint_dir=f"checkpoints/{variant}_{loss}"
+                    vcfg, run, model=f"{variant}_{loss}"
                 )
             except RunFailed as err:  # one diverging variant must not hide the others
                 print(f"{LABELS[variant]:22s} loss on {loss:4s} steps: training failed: {err}")

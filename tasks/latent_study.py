@@ -66,9 +66,7 @@ def run(cfg: Config, run: Run) -> dict:
         ae_cfg = autoencoder.Config(**options, latent_dim=k)
         problem = autoencoder.make_problem(ae_cfg, data)
         train_cfg = autoencoder.training_config(ae_cfg, len(data.x_train))
-        result = fit(
-            train_cfg, problem, run, desc=f"latent {k}", checkpoint_dir=f"checkpoints/latent_{k}"
-        )
+        result = fit(train_cfg, problem, run, desc=f"latent {k}", model=f"latent_{k}")
         trained = autoencoder.evaluate_replicas(ae_cfg, result, data)
         initial = problem.make_model(nnx.Rngs(jax.random.key(cfg.seed)))
         rows[k] = {

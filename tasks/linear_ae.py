@@ -210,9 +210,9 @@ def imbalance_decay(history: list) -> float | None:
     return float(np.polyfit(steps[keep], np.log(values[keep]), 1)[0])
 
 
-def train_one(cfg: Config, run: Run, x_centred, spec, checkpoint_dir: str) -> tuple[dict, list]:
+def train_one(cfg: Config, run: Run, x_centred, spec, model: str | None) -> tuple[dict, list]:
     """(analysis of replica 0 plus the loop's timings, evaluation history)."""
-    result = fit(cfg, make_problem(cfg, x_centred, spec), run, checkpoint_dir=checkpoint_dir)
+    result = fit(cfg, make_problem(cfg, x_centred, spec), run, model=model)
     model = result.model()
     w1, w2 = (np.asarray(p[...], np.float64) for p in (model.w1, model.w2))
     history = [_replica0(h) for h in result.history]
@@ -233,7 +233,7 @@ def run(cfg: Config, run: Run) -> dict:
     )
     spec = spectrum(data.x_train)
     x_centred = data.x_train - spec.mean
-    summary, history = train_one(cfg, run, x_centred, spec, "checkpoints")
+    summary, history = train_one(cfg, run, x_centred, spec, None)
     print(
         f"subspace distance {summary['subspace_distance']:.2e} "
         f"({summary['subspace_angle_degrees']:.3f} deg); recon {summary['recon_mse']:.6f} vs PCA "
@@ -244,7 +244,7 @@ def run(cfg: Config, run: Run) -> dict:
     grid = {}
     for lam in cfg.lambda_grid:
         lam_cfg = dataclasses.replace(cfg, weight_decay=lam, lambda_grid=())
-        grid[lam], _ = train_one(lam_cfg, run, x_centred, spec, f"checkpoints/lambda_{lam:g}")
+        grid[lam], _ = train_one(lam_cfg, run, x_centred, spec, f"lambda_{lam:g}")
         summary.update({f"lambda_{lam:g}_{k}": v for k, v in grid[lam].items()})
     plot_training(cfg, run, history)
     plot_singular_values(cfg, run, spec, {cfg.weight_decay: summary, **grid})

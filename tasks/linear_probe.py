@@ -17,6 +17,7 @@ from experiment.config import Config as BaseConfig
 from experiment.config import from_dict, option
 from experiment.errors import UsageError
 from experiment.run import Run
+from experiment.workdir import checkpoints_dir
 from tasks import autoencoder
 from training.checkpoints import read_config, restore_model
 
@@ -43,7 +44,8 @@ def checkpoint_directory(path: Path) -> Path:
     """WORKDIR/checkpoints if `path` is a run's workdir, else `path` itself."""
     if not path.exists():
         raise UsageError(f"--checkpoint={path}: no such directory")
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    run_checkpoints = checkpoints_dir(path)
+    return run_checkpoints if run_checkpoints.is_dir() else path
 
 
 def load_encoder(cfg: Config) -> tuple[autoencoder.Config, autoencoder.Autoencoder, int]:

@@ -41,7 +41,7 @@ from flax import nnx
 from experiment import interrupt
 from experiment.errors import RunFailed, UsageError
 from experiment.run import Run
-from experiment.workdir import BEST_DIR, CHECKPOINTS_DIR
+from experiment.workdir import BEST_DIR, checkpoints_dir
 from training import memory, sharding
 from training.checkpoints import Checkpoints
 from training.config import TrainConfig
@@ -326,11 +326,12 @@ def fit(
     run: Run,
     *,
     desc: str | None = None,
-    checkpoint_dir: str | None = None,
+    model: str | None = None,
 ) -> FitResult:
     """Train `problem` as `cfg` says, logging to `run`; resumes from the workdir's checkpoints.
 
-    checkpoint_dir: a subdirectory of the workdir for tasks that train several models.
+    model: a name for each model of a task that trains several (its checkpoints go to
+    WORKDIR/checkpoints/<model>).
     """
     tx = make_optimizer(cfg)
     replicated = cfg.num_seeds > 1
@@ -354,9 +355,7 @@ def fit(
     if selector is not None and evaluate is None:
         raise ValueError("select_metric needs an eval_fn")
 
-    checkpoints = Checkpoints(
-        run.workdir / (checkpoint_dir or CHECKPOINTS_DIR), keep=cfg.keep_checkpoints
-    )
+    checkpoints = Checkpoints(checkpoints_dir(run.workdir, model), keep=cfg.keep_checkpoints)
     saved_config = {"task": run.task, "config": run.config_dict}
     state, spent = _maybe_resume(checkpoints, state, selector)
     step = int(jax.device_get(state.step).max())
