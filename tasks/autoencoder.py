@@ -22,7 +22,7 @@ from flax import nnx
 
 from data import datasets
 from data.datasets import Data
-from experiment.config import option, with_defaults
+from experiment.config import from_dict, option, with_defaults
 from experiment.errors import UsageError
 from experiment.figures import pyplot
 from experiment.run import Run
@@ -31,8 +31,6 @@ from training.config import TrainConfig
 from training.loop import FitResult, Problem, fit
 from training.probe import ProbeResult, linear_probe, pca_basis, pca_reconstruction_mse
 from training.summary import replica_summary
-
-DEFAULT_STEPS = TrainConfig.steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +62,11 @@ class Options(TrainConfig):
         "masked: hidden inputs become 0, 0 with visible ones scaled 1/(1-r), or a learned token",
     )
     masked_loss_only: bool = option(False, "masked: reconstruction loss on hidden units only")
-    epochs: int = option(50, "passes over the training set (0: use --steps instead)", min=0)
+    epochs: int = option(50, "passes over the training set (0: train --steps instead)", min=0)
+    # explicitly optional: given or not, rather than compared with a default value
+    steps: int | None = option(  # type: ignore[assignment]
+        None, "optimizer steps, with --epochs=0 (default: --epochs passes)", min=1
+    )
     batch_size: int = option(
         64, "examples per step (64 beats the reference's 128 at 50 epochs: see docs)", min=1
     )
@@ -80,11 +82,13 @@ class Options(TrainConfig):
 
     def check(self) -> None:
         super().check()
-        if self.epochs and self.steps != DEFAULT_STEPS:
+        if self.epochs and self.steps is not None:
             raise UsageError(
                 f"--steps={self.steps} and --epochs={self.epochs}: give one "
                 "(--epochs=0 to use --steps)"
             )
+        if not self.epochs and self.steps is None:
+            raise UsageError("--epochs=0 needs --steps=N (or give --epochs=N)")
         if self.patch_size and self.dataset != "mnist":
             raise UsageError("--patch_size needs image data (--dataset=mnist)")
         if self.patch_size and 28 % self.patch_size:
@@ -165,6 +169,19 @@ def training_config(cfg: Config, num_train: int) -> Config:
         return cfg
     steps = cfg.epochs * max(1, num_train // cfg.batch_size)
     return dataclasses.replace(cfg, steps=steps, epochs=0)
+
+
+# Runs saved before `steps` became optional recorded TrainConfig's unused default with
+# their epochs; read as "not given" so their configs still load (linear_probe).
+_UNUSED_STEPS_OF_OLD_RUNS = 2000
+
+
+def config_from_saved(saved: dict) -> Config:
+    """The Config of a saved run's config.json / checkpoint (also of older versions)."""
+    saved = dict(saved)
+    if saved.get("epochs") and saved.get("steps") == _UNUSED_STEPS_OF_OLD_RUNS:
+        saved["steps"] = None
+    return from_dict(Config, saved)
 
 
 @nnx.jit

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from data.datasets import INPUT_DIM
 from experiment.config import Config as BaseConfig
-from experiment.config import from_dict, option
+from experiment.config import option
 from experiment.errors import UsageError
 from experiment.run import Run
 from experiment.workdir import checkpoints_dir
@@ -57,7 +57,7 @@ def load_encoder(cfg: Config) -> tuple[autoencoder.Config, autoencoder.Autoencod
             f"--checkpoint={cfg.checkpoint} holds a {saved.get('task')!r} run; "
             f"linear_probe needs one of {', '.join(PROBEABLE_TASKS)}"
         )
-    ae_cfg = from_dict(autoencoder.Config, saved["config"])
+    ae_cfg = autoencoder.config_from_saved(saved["config"])
     ae_cfg = dataclasses.replace(
         ae_cfg,
         mnist_dir=cfg.mnist_dir or ae_cfg.mnist_dir,

@@ -157,6 +157,8 @@ def test_linear_probe_bad_checkpoints_exit_2(train_cli, tmp_path):
         (["--mask_ratio=-0.1"], "must be >= 0"),
         (["--dataset=cifar"], "choose one of synthetic, mnist"),
         (["--steps=10"], "give one (--epochs=0 to use --steps)"),
+        (["--steps=2000"], "give one"),  # the old sentinel value is no escape
+        (["--epochs=0"], "--epochs=0 needs --steps=N"),
         (["--patch_size=4"], "--patch_size needs image data"),
         (["--dataset=mnist", "--patch_size=5"], "must divide 28"),
         (["--dataset=mnist", "--mnist_dir=/nonexistent"], "not a directory"),
@@ -165,6 +167,16 @@ def test_linear_probe_bad_checkpoints_exit_2(train_cli, tmp_path):
 def test_bad_autoencoder_input_exits_2(train_cli, tmp_path, args, message):
     code, _, err = train_cli("--task=autoencoder", *args, f"--workdir={tmp_path}")
     assert code == 2 and message in err, err
+
+
+def test_configs_saved_before_steps_became_optional_still_load():
+    from experiment.config import to_dict
+
+    old = to_dict(autoencoder.Config(epochs=0, steps=7))
+    old.update(epochs=50, steps=2000)  # what such a run recorded: epochs and the unused default
+    cfg = autoencoder.config_from_saved(old)
+    assert cfg.epochs == 50 and cfg.steps is None
+    assert autoencoder.config_from_saved(to_dict(autoencoder.Config(epochs=0, steps=7))).steps == 7
 
 
 def test_latent_study_draws_trained_untrained_and_pca(train_cli, tmp_path):

@@ -57,7 +57,8 @@ class TrainConfig(Config):
                 f"--seed={self.seed} with --num_seeds={self.num_seeds}: the last replica's seed "
                 f"must be <= {INT_LIMIT}"
             )
-        if self.warmup_steps >= self.steps and self.warmup_steps > 0:
+        # steps may be None in a task whose steps follow from another option (epochs)
+        if self.steps is not None and self.warmup_steps >= self.steps and self.warmup_steps > 0:
             raise UsageError(
                 f"--warmup_steps={self.warmup_steps} must be smaller than --steps={self.steps}"
             )
