@@ -195,7 +195,8 @@ def _reconstruct(model: Autoencoder, x):
 
 
 def encode(model: Autoencoder, x: np.ndarray, rows: int = 4096) -> np.ndarray:
-    """Encoder features in chunks (float32 numpy)."""
+    """Encoder features in chunks (float32 numpy). Chunks of at most `rows` bound the
+    device memory; the last, shorter chunk compiles once more (two shapes in all)."""
     return np.concatenate(
         [np.asarray(_encode(model, jnp.asarray(x[i : i + rows]))) for i in range(0, len(x), rows)]
     )

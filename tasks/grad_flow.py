@@ -230,6 +230,8 @@ def trained_or_initial_model(
 
 
 def probe_batch(cfg: Config) -> tuple[jax.Array, jax.Array]:
+    # a seed of its own (+7): the probe must not reuse the training (+0) or held-out
+    # (+1) sequences of running_average.make_problem
     data = make_running_average(cfg.probe_batch, cfg.seq_len, seed=cfg.data_seed + 7)
     return jnp.asarray(data["x"]), jnp.asarray(data["y"])
 
@@ -276,6 +278,7 @@ def plot_flow(run: Run, flows: dict[str, GradFlow], name: str, title: str) -> No
 
 def draw_flow(ax_g, ax_h, flow: GradFlow, label: str, color: str) -> None:
     t = np.arange(1, len(flow.grad_h[-1]) + 1)
+    # norms that vanished to exactly 0 become gaps: log axes have no place for 0
     for layer, g in enumerate(flow.grad_h):
         suffix = f" layer {layer + 1}" if len(flow.grad_h) > 1 else ""
         style = "-" if layer == len(flow.grad_h) - 1 else ":"

@@ -123,6 +123,9 @@ def make_problem(cfg: Config, x_centred: np.ndarray, spec: Spectrum) -> Problem:
     def eval_fn(model, data):
         del data  # everything follows from C
         w1, w2 = model.w1[...], model.w2[...]
+        # exact population quantities from the covariance c, not a minibatch estimate:
+        # recon = tr((I - W2 W1) C (I - W2 W1)^T); the subspace distance is the sine of
+        # the largest principal angle between span(W2) and the top-k eigenvectors
         residual = jnp.eye(dim) - w2 @ w1
         q, _ = jnp.linalg.qr(w2)
         return {
@@ -266,6 +269,7 @@ def plot_training(cfg: Config, run: Run, history: list) -> None:
         ),
         strict=True,
     ):
+        # floor at 1e-12: an exact zero (e.g. a perfectly balanced start) has no log
         ax.semilogy(steps, [max(h[key], 1e-12) for h in history])
         ax.set_xlabel("step")
         ax.set_ylabel(label)
@@ -279,6 +283,8 @@ def plot_singular_values(cfg: Config, run: Run, spec: Spectrum, results: dict) -
 
     eig = spec.eigenvalues[: cfg.latent_dim]
     positive = [lam for lam in results if lam > 0]
+    # the predicted curves span the trained lambdas with a factor 2 of margin (and a
+    # sensible range when only lambda = 0 was trained)
     hi = max([*positive, 0.1]) * 2
     grid = np.geomspace(min([*positive, 1e-3]) / 2, hi, 200)
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -118,7 +118,7 @@ def run(cfg: Config, run: Run) -> dict:
 
 def count_params(result: FitResult) -> int:
     sizes = [leaf.size for leaf in jax.tree.leaves(result.params)]
-    return int(sum(sizes) // result.num_seeds)
+    return int(sum(sizes) // result.num_seeds)  # replicas stack along a leading axis
 
 
 def plot_results(cfg: Config, run: Run, result: FitResult, held_out: dict) -> None:

@@ -175,6 +175,7 @@ def make_model(cfg: Config, num_classes: int, rngs: nnx.Rngs) -> SequenceClassif
 def class_weights(labels: np.ndarray, num_classes: int, power: float = 1.0) -> np.ndarray:
     """count_c^-power per class, scaled so the mean weight over the examples is 1."""
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    # a class absent from the training split gets the weight of a class of one example
     weights = np.maximum(counts, 1) ** -power
     return (weights / weights[labels].mean()).astype(np.float32)
 
@@ -346,7 +347,7 @@ def plot_confusion(
     ax.set_ylabel("true language")
     for i in range(n):
         for j in range(n):
-            if rows[i, j] >= 0.1:
+            if rows[i, j] >= 0.1:  # label only the cells that matter: 18x18 numbers overlap
                 ax.text(j, i, f"{rows[i, j]:.2f}", ha="center", va="center", fontsize=6,
                         color="white" if rows[i, j] > 0.5 else "black")  # fmt: skip
     fig.colorbar(image, fraction=0.04)
