@@ -105,6 +105,8 @@ class _Hooks(NamedTuple):
 
 def _quiet_hooks() -> _Hooks:
     """Install the filters; returns what they replaced (for `_restore`)."""
+    global _reported
+    _reported = False  # a new run (in-process callers run several) has reported nothing
     saved = _Hooks(
         sys.unraisablehook,
         threading.excepthook,
