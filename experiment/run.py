@@ -107,6 +107,7 @@ class Run:
         """Record why the run failed (for sweeps and reports); checkpoints are left as they were."""
         if not self.primary:
             return
+        self.writers.fail(message, exit_code)
         write_json_atomic(self.workdir / FAILURE_FILE, {"error": message, "exit_code": exit_code})
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ Layout (every module takes these names from here):
     WORKDIR/summary.json       final metrics of a successful run
     WORKDIR/failure.json       {"error", "exit_code"} of a failed or interrupted run
     WORKDIR/.lock              held (flock) by the process running in the workdir
+    WORKDIR/wandb_run_id       the id of the workdir's W&B run (files in WORKDIR/wandb/)
     WORKDIR/checkpoints/<step> orbax checkpoints (tasks with several models use
                                checkpoints/<model>/<step>)
     WORKDIR/best/<step>        the selected (early-stopped) parameters
@@ -33,6 +34,7 @@ CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 FAILURE_FILE = "failure.json"
 LOCK_FILE = ".lock"
+WANDB_ID_FILE = "wandb_run_id"  # the W&B run of this workdir, resumed by every rerun
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
 

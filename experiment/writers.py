@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
+import string
 import sys
 import warnings
 from collections.abc import Mapping
@@ -82,6 +84,9 @@ class TensorBoardWriter:
         for key, value in metrics.items():
             self._writer.add_scalar(key, value, 0)
 
+    def fail(self, message: str, exit_code: int) -> None:
+        """Nothing to record: failure.json says why (TensorBoard has no run status)."""
+
     def close(self) -> None:
         self._writer.close()
 
@@ -120,11 +125,15 @@ class WandbWriter:
             self._run = None
             return
         self._wandb = wandb
+        self._exit_code = 0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self._run = _start_wandb(
                 wandb,
                 mode,
+                # one W&B run per workdir: a rerun (resume) continues it, not a new one
+                id=workdir_run_id(workdir),
+                resume="allow",
                 project=os.environ.get("WANDB_PROJECT", "rnnae"),
                 dir=str(workdir),
                 name=os.environ.get("WANDB_NAME") or f"{task}-{workdir.name}",
@@ -149,11 +158,36 @@ class WandbWriter:
 
     def hparams(self, config: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
         if self._run is not None:
-            self._run.summary.update(dict(summary))
+            # a resumed run that had failed before is a success now: clear that record
+            self._run.summary.update({**summary, "error": "", "exit_code": 0})
+
+    def fail(self, message: str, exit_code: int) -> None:
+        """Mark the run failed: the error in its summary, the exit code at `close`."""
+        self._exit_code = exit_code
+        if self._run is not None:
+            self._run.summary.update({"error": message, "exit_code": exit_code})
 
     def close(self) -> None:
         if self._run is not None:
-            self._run.finish()
+            # W&B shows a run finished with a non-zero exit code as failed
+            self._run.finish(exit_code=self._exit_code)
+
+
+def workdir_run_id(workdir: Path) -> str:
+    """The workdir's W&B run id: read from WORKDIR/wandb_run_id, or made and saved there."""
+    from experiment.workdir import WANDB_ID_FILE, write_bytes_atomic
+
+    file = workdir / WANDB_ID_FILE
+    try:
+        run_id = file.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        run_id = ""
+    if not run_id.isalnum():  # missing or damaged: a new id (the old run is not reachable)
+        # W&B's own id format: 8 lowercase letters and digits
+        alphabet = string.ascii_lowercase + string.digits
+        run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+        write_bytes_atomic(file, (run_id + "\n").encode())
+    return run_id
 
 
 class MetricWriters:
@@ -183,6 +217,11 @@ class MetricWriters:
         with interrupt.deferred():
             for w in self._writers:
                 w.hparams(config, summary)
+
+    def fail(self, message: str, exit_code: int) -> None:
+        with interrupt.deferred():
+            for w in self._writers:
+                w.fail(message, exit_code)
 
     def close(self) -> None:
         with interrupt.deferred():

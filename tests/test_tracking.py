@@ -1,0 +1,91 @@
+"""What W&B records about a run: its outcome and its identity across resumes.
+
+W&B's offline files (WORKDIR/wandb/offline-run-*/run-*.wandb) are read directly: a
+LevelDB-style log of protobuf `Record`s, the format `wandb sync` uploads.
+"""
+
+import struct
+from pathlib import Path
+
+import pytest
+
+import train
+from tests.conftest import TINY_ARGS
+
+wandb_pb2 = pytest.importorskip("wandb.proto.wandb_internal_pb2")
+
+HEADER = 7  # ":W&B", a 2-byte magic and a version byte
+BLOCK = 32768
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def records(path: Path) -> list:
+    """Every Record in a .wandb file (records never cross a 32 KiB block boundary)."""
+    data, out, pos, parts = path.read_bytes(), [], HEADER, b""
+    while pos + 7 <= len(data):
+        if BLOCK - pos % BLOCK < 7:  # the block's tail is padding
+            pos += BLOCK - pos % BLOCK
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        payload = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (FULL, FIRST):
+            parts = payload
+        elif kind in (MIDDLE, LAST):
+            parts += payload
+        if kind in (FULL, LAST):
+            record = wandb_pb2.Record()
+            record.ParseFromString(parts)
+            out.append(record)
+    return out
+
+
+def offline_runs(workdir: Path) -> list[Path]:
+    return sorted((workdir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def exit_code_and_id(path: Path) -> tuple[int | None, str | None]:
+    code = run_id = None
+    for record in records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "exit":
+            code = record.exit.exit_code
+        elif kind == "run":
+            run_id = record.run.run_id
+    return code, run_id
+
+
+ARGS = ["--task=running_average", *TINY_ARGS["running_average"], "--wandb=offline"]
+
+
+def test_a_diverged_run_is_failed_in_wandb(tmp_path, capsys):
+    code = train.main(
+        [*ARGS, "--optimizer=sgd", "--learning_rate=3e38", "--steps=2", f"--workdir={tmp_path}"]
+    )
+    assert code == 1
+    (run_file,) = offline_runs(tmp_path)
+    assert exit_code_and_id(run_file)[0] == 1
+    code = train.main([*ARGS, "--steps=2", f"--workdir={tmp_path / 'ok'}"])
+    assert code == 0
+    assert exit_code_and_id(offline_runs(tmp_path / "ok")[0])[0] == 0
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    from training import progress
+
+    original = progress.Progress.update
+
+    def stop_at_16(self, step, *a, **k):
+        if step >= 16:
+            raise KeyboardInterrupt
+        return original(self, step, *a, **k)
+
+    args = [*ARGS, "--steps=32", "--log_every=8", "--steps_per_call=8", f"--workdir={tmp_path}"]
+    monkeypatch.setattr(progress.Progress, "update", stop_at_16)
+    assert train.main(args) == 130
+    monkeypatch.setattr(progress.Progress, "update", original)
+    assert train.main(args) == 0
+    first, second = offline_runs(tmp_path)
+    (code_1, id_1), (code_2, id_2) = exit_code_and_id(first), exit_code_and_id(second)
+    assert id_1 == id_2 == (tmp_path / "wandb_run_id").read_text().strip()
+    assert (code_1, code_2) == (130, 0)
