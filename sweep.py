@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from experiment import run_options
-from experiment.config import build_config, suggest
+from experiment.config import build_config, suggest, to_text
 from experiment.errors import UsageError
 from experiment.figures import pyplot
 from experiment.workdir import (
@@ -145,7 +145,7 @@ def validate(spec: dict) -> tuple[str, type, dict[str, str]]:
         except UsageError as err:
             raise UsageError(f"parameter {name!r}: {err}") from None
         for value in values:
-            build_config(config_cls, {**fixed, name: cli_value(value)})
+            build_config(config_cls, {**fixed, name: to_text(value)})
     build_config(config_cls, fixed)
     sweeps = import_sweeps()
     with warnings.catch_warnings():
@@ -168,16 +168,6 @@ def import_sweeps():
 def sweep_config(spec: dict) -> dict:
     """The part of the YAML the search algorithms read."""
     return {k: spec[k] for k in ("method", "metric", "parameters") if k in spec}
-
-
-def cli_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list | tuple):
-        return ",".join(str(v) for v in value)
-    if hasattr(value, "item"):
-        value = value.item()
-    return str(value)
 
 
 # ----------------------------------------------------------------------- state
@@ -280,7 +270,7 @@ def _plain(value: Any) -> Any:
 
 def launch(trial: dict, task: str, fixed: dict, directory: Path, wandb: str) -> subprocess.Popen:
     workdir = directory / trial["id"]
-    args = [f"--{k}={cli_value(v)}" for k, v in {**fixed, **trial["params"]}.items()]
+    args = [f"--{k}={to_text(v)}" for k, v in {**fixed, **trial["params"]}.items()]
     command = [sys.executable, str(REPO / "train.py"), f"--task={task}", *args,
                f"--workdir={workdir}", f"--wandb={wandb}"]  # fmt: skip
     workdir.mkdir(parents=True, exist_ok=True)
@@ -395,7 +385,7 @@ def report(directory: Path) -> None:
     done.sort(key=lambda t: t["metric"], reverse=goal == "maximize")
     rest = [t for t in trials if t["status"] != "finished"]
     header = ["trial", *names, metric, "status"]
-    rows = [[t["id"], *[cli_value(t["params"].get(n, "")) for n in names],
+    rows = [[t["id"], *[to_text(t["params"].get(n, "")) for n in names],
              "" if t["metric"] is None else f"{t['metric']:.6g}",
              t["status"] if t["status"] != "failed" else f"failed: {t['error']}"]
             for t in done + rest]  # fmt: skip

@@ -109,6 +109,8 @@ def _main(argv: list[str]) -> int:
         interrupt.raise_if_received()  # a Ctrl-C during start-up (install_early)
         raw = tokenize(argv)
         given = dict(raw)
+        if "config" in raw:
+            raw = with_saved_config(raw.pop("config"), raw)
         task_name = raw.pop("task", None)
         if task_name is None:
             if wants_help:
@@ -154,6 +156,29 @@ def _main(argv: list[str]) -> int:
     finally:
         if run is not None:
             _quietly(run.close)
+
+
+def with_saved_config(path_text: str | None, given: dict[str, str | None]) -> dict:
+    """The options of a saved config.json (a file or a workdir holding one) as command-line
+    text, with the options given on the command line taking precedence."""
+    from experiment.config import to_text
+    from experiment.workdir import CONFIG_FILE, read_saved_run, resolve
+
+    if not (path_text or "").strip():
+        raise UsageError("--config needs WORKDIR/config.json or a WORKDIR")
+    path = resolve(path_text or "")
+    workdir = path if path.is_dir() else path.parent
+    if path.is_file() and path.name != CONFIG_FILE:
+        raise UsageError(f"--config={path_text}: expected a {CONFIG_FILE} or a workdir")
+    saved = read_saved_run(workdir)
+    if saved is None:
+        raise UsageError(f"--config={path_text}: no {CONFIG_FILE} there")
+    task, config = saved
+    if given.get("task") not in (None, task):
+        raise UsageError(
+            f"--config={path_text} is a {task!r} run; --task={given['task']} does not match"
+        )
+    return {"task": task, **{k: to_text(v) for k, v in config.items()}, **given}
 
 
 def classify_failure(err: BaseException, workdir: Path | None = None) -> tuple[str, int] | None:

@@ -199,6 +199,19 @@ def _parse_base(tp: Any, text: str) -> Any:
     raise TypeError(f"unsupported config field type {tp!r}")
 
 
+def to_text(value: Any) -> str:
+    """A config value as command-line text that `parse_value` reads back to the same value."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return ",".join(to_text(v) for v in value)
+    if hasattr(value, "item"):  # numpy scalars
+        value = value.item()
+    return str(value)  # repr-exact for floats
+
+
 def tokenize(argv: Iterable[str]) -> dict[str, str | None]:
     """Turn `--key=value`, `--key value` and bare `--flag` into {key: text or None}.
 

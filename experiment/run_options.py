@@ -18,6 +18,11 @@ from experiment.config import Config, option
 class RunOptions(Config):
     """--workdir, --wandb, --compilation_cache, --distributed."""
 
+    config: str | None = option(
+        None,
+        "start from a saved run: WORKDIR/config.json or WORKDIR (its task and every option); "
+        "--key=value options given with it override the saved values",
+    )
     workdir: str | None = option(
         None,
         "where the run writes (default runs/<task>/<timestamp>); an existing workdir with "

@@ -94,3 +94,39 @@ def test_a_run_writes_config_summary_plots_checkpoints_and_events(train_cli, tmp
         assert (workdir / name).stat().st_size > 1000
     assert (workdir / "checkpoints" / "4").is_dir()
     assert list(workdir.glob("events.out.tfevents.*"))
+
+
+def test_config_reruns_a_saved_run_with_overrides(train_cli, tmp_path):
+    first = tmp_path / "first"
+    assert train_cli("--task=running_average", *TINY, "--cell=lstm", f"--workdir={first}")[0] == 0
+    second = tmp_path / "second"
+    code, _, err = train_cli(f"--config={first}", "--learning_rate=0.05", f"--workdir={second}")
+    assert code == 0, err
+    old = json.loads((first / "config.json").read_text())
+    new = json.loads((second / "config.json").read_text())
+    assert new["task"] == old["task"] == "running_average"
+    assert new["config"] == {**old["config"], "learning_rate": 0.05}
+    # the same file as a path, resuming the second run unchanged
+    code, out, _ = train_cli(
+        f"--config={second / 'config.json'}", "--learning_rate=0.05", f"--workdir={second}"
+    )
+    assert code == 0 and "resuming from checkpoint step 4" in out
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p: p, "no config.json there"),
+        (lambda p: p / "config.json", "no config.json there"),
+        (lambda p: (p / "other.json").write_text("{}") and p / "other.json", "expected a config"),
+    ],
+)
+def test_config_of_nothing_is_one_line(train_cli, tmp_path, make, message):
+    code, _, err = train_cli(f"--config={make(tmp_path)}", f"--workdir={tmp_path / 'w'}")
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_config_of_another_task_is_refused(train_cli, tmp_path):
+    assert train_cli("--task=running_average", *TINY, f"--workdir={tmp_path / 'a'}")[0] == 0
+    code, _, err = train_cli("--task=autoencoder", f"--config={tmp_path / 'a'}")
+    assert code == 2 and "is a 'running_average' run" in err
