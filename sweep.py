@@ -43,6 +43,7 @@ from experiment.workdir import (
     FAILURE_FILE,
     SUMMARY_FILE,
     read_json_object,
+    resolve,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -277,7 +278,13 @@ def launch(trial: dict, task: str, fixed: dict, directory: Path, wandb: str) -> 
     # the child gets its own copy of the descriptor; ours is closed at once
     with open(workdir / "trial.log", "ab") as log:
         return subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+            # the caller's directory: relative paths in the sweep's command (--data_dir)
+            # mean what they mean where the user typed the command
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=Path.cwd(),
+            start_new_session=True,
         )
 
 
@@ -476,9 +483,13 @@ def main(argv: list[str] | None = None) -> int:
             report(args.report)
             return 0
         spec = load_sweep_file(args.sweep_file)
-        directory = args.sweep_dir or Path("sweep_runs") / args.sweep_file.stem
-        run_sweep(spec, directory, args.count, args.workers, args.seed, args.wandb)
+        # absolute from here on: trials and the report agree on where results are
+        directory = resolve(args.sweep_dir or Path("sweep_runs") / args.sweep_file.stem)
+        state = run_sweep(spec, directory, args.count, args.workers, args.seed, args.wandb)
         report(directory)
+        if state.trials and not any(t["status"] == "finished" for t in state.trials):
+            print(f"error: every trial failed; see {directory}/trial-*/trial.log", file=sys.stderr)
+            return 1
         return 0
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -92,6 +92,28 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert rows["1000000000000.0"]["status"].startswith("failed: exit 1: non-finite loss")
 
 
+def test_a_sweep_whose_every_trial_failed_exits_1(tmp_path, capsys):
+    params = {"learning_rate": {"values": [1e12]}, "activation": {"value": "relu"},
+              "init": {"value": "orthogonal"}, "optimizer": {"value": "sgd"}}  # fmt: skip
+    spec = write_sweep(tmp_path / "s.yaml", params)
+    assert run(tmp_path, spec, "--sweep_dir", tmp_path / "out") == 1
+    assert "every trial failed" in capsys.readouterr().err
+
+
+def test_a_sweep_runs_from_another_directory(tmp_path, monkeypatch):
+    """Relative sweep file and default --sweep_dir, from outside the repository: the
+    trials write where the runner looks (they used to write into the repository)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write_sweep(elsewhere / "s.yaml", {"hidden_size": {"values": [2, 3]}})
+    monkeypatch.chdir(elsewhere)
+    assert run(tmp_path, "s.yaml") == 0
+    rows = results(elsewhere / "sweep_runs" / "s")
+    assert [r["status"] for r in rows] == ["finished", "finished"]
+    assert (elsewhere / "sweep_runs" / "s" / "trial-000" / "summary.json").exists()
+    assert not (REPO / "sweep_runs" / "s").exists()
+
+
 def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
     spec = write_sweep(tmp_path / "s.yaml", {"hidden_size": {"values": [2, 3, 4]}})
     out = tmp_path / "out"
