@@ -49,7 +49,13 @@ def option(
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Base of every task config: validated on construction."""
+    """Base of every task config: validated on construction.
+
+    ALIASES maps other accepted option names to a field's name (one idea, one name;
+    an older or more familiar name still works on the command line).
+    """
+
+    ALIASES: typing.ClassVar[dict[str, str]] = {}
 
     seed: int = option(0, "random seed (initialisation, data order, corruption)", min=0)
 
@@ -253,6 +259,7 @@ def build_config(
     """
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
+    raw = _resolve_aliases(cls, raw)
     for key, text in raw.items():
         if key not in fields:
             hint = suggest(key, [*fields, *also_known])
@@ -264,6 +271,17 @@ def build_config(
             text = "true"
         values[key] = parse_value(key, tp, text)
     return cls(**values)
+
+
+def _resolve_aliases(cls: type[Config], raw: Mapping[str, str | None]) -> dict:
+    """`raw` with every alias key replaced by the field it names (both given: an error)."""
+    out = dict(raw)
+    for alias, name in cls.ALIASES.items():
+        if alias in out:
+            if name in out:
+                raise UsageError(f"--{alias} is another name for --{name}: give one of them")
+            out[name] = out.pop(alias)
+    return out
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

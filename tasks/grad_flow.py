@@ -58,10 +58,16 @@ class FlowConfig(TrainConfig):
 
 @dataclasses.dataclass(frozen=True)
 class Config(FlowConfig):
+    # the same choice as running_average's --last_step_only, under one name
+    ALIASES = {"last_target_only": "last_step_only"}  # noqa: RUF012 (read-only)
+
     cell: Cell = option("rnn", "recurrent cell")
     activation: Activation = option("tanh", "RNN activation")
     residual: bool = option(False, "RNN skip connection h_t = act(...) + h_{t-1}")
-    last_target_only: bool = option(True, "loss on the last step only (else on every step)")
+    last_step_only: bool = option(
+        True,
+        "loss on the last step only (else on every step); --last_target_only is another name",
+    )
 
     def check(self) -> None:
         super().check()
@@ -118,7 +124,7 @@ class GradFlow:
     state_h: list[np.ndarray]  # mean over the batch of ||h_t||
 
 
-def measure(model: SequenceRegressor, x, y, last_target_only: bool) -> GradFlow:
+def measure(model: SequenceRegressor, x, y, last_step_only: bool) -> GradFlow:
     """dL/dh_t (and dL/dC_t) for every layer and step, by the perturbation trick."""
     layers = model.rnn.layers
     steps, batch = x.shape[1], x.shape[0]
@@ -138,7 +144,7 @@ def measure(model: SequenceRegressor, x, y, last_target_only: bool) -> GradFlow:
             x, perturb_h=perturb_h, perturb_c=perturb_c if is_lstm else None
         )
         errors = jnp.square(y_hat - y)[..., 0]
-        value = errors[:, -1].mean() if last_target_only else errors.mean()
+        value = errors[:, -1].mean() if last_step_only else errors.mean()
         return value, outputs
 
     (g_h, g_c), outputs = jax.grad(loss, argnums=(0, 1), has_aux=True)(zeros, zeros)
@@ -209,8 +215,8 @@ def running_average_config(cfg: Config) -> running_average.Config:
     shared = {f.name for f in dataclasses.fields(running_average.Config)} & {
         f.name for f in dataclasses.fields(Config)
     }
-    values = {name: getattr(cfg, name) for name in shared}
-    return running_average.Config(**values, last_step_only=cfg.last_target_only)
+    values = {name: getattr(cfg, name) for name in shared}  # last_step_only included
+    return running_average.Config(**values)
 
 
 def trained_or_initial_model(
@@ -238,7 +244,7 @@ def probe_batch(cfg: Config) -> tuple[jax.Array, jax.Array]:
 
 def run(cfg: Config, run: Run) -> dict:
     model, trained = trained_or_initial_model(cfg, run)
-    flow = measure(model, *probe_batch(cfg), cfg.last_target_only)
+    flow = measure(model, *probe_batch(cfg), cfg.last_step_only)
     summary = {**flow_summary(flow), **trained}
     print(
         f"log ||dL/dh_t|| slope {summary.get('log_grad_slope', float('nan')):+.4f} per step; "

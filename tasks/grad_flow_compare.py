@@ -48,9 +48,9 @@ class Config(grad_flow.FlowConfig):
             )
 
 
-def variant_config(cfg: Config, variant: str, last_target_only: bool) -> grad_flow.Config:
+def variant_config(cfg: Config, variant: str, last_step_only: bool) -> grad_flow.Config:
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(grad_flow.FlowConfig)}
-    return grad_flow.Config(**shared, **VARIANTS[variant], last_target_only=last_target_only)
+    return grad_flow.Config(**shared, **VARIANTS[variant], last_step_only=last_step_only)
 
 
 def run(cfg: Config, run: Run) -> dict:

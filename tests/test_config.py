@@ -92,3 +92,13 @@ def test_help_lists_every_option_with_type_and_default():
         "--seed=int",
     ]:
         assert fragment in text
+
+
+def test_an_alias_names_the_same_option(tmp_path):
+    from tasks import grad_flow
+
+    cfg = build_config(grad_flow.Config, {"last_target_only": "false"})
+    assert cfg.last_step_only is False
+    assert build_config(grad_flow.Config, {"last_step_only": "false"}) == cfg
+    with pytest.raises(UsageError, match="another name for --last_step_only"):
+        build_config(grad_flow.Config, {"last_target_only": "false", "last_step_only": "true"})

@@ -49,7 +49,7 @@ def orthogonal_identity_config(rho: float, seq_len: int = 40) -> grad_flow.Confi
         seq_len=seq_len,
         hidden_size=6,
         probe_batch=1,
-        last_target_only=True,
+        last_step_only=True,
     )
 
 
@@ -60,7 +60,7 @@ def test_identity_rnn_gradient_is_rho_to_the_power_of_distance(rho):
         model = grad_flow.make_model(cfg, nnx.Rngs(3))
         model = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), model)
         x, y = (jnp.asarray(a, jnp.float64) for a in grad_flow.probe_batch(cfg))
-        flow = grad_flow.measure(model, x, y, last_target_only=True)
+        flow = grad_flow.measure(model, x, y, last_step_only=True)
         layer = model.rnn.layers[0]
         w_h, w_f = np.asarray(layer.w_h[...]), np.asarray(model.head.kernel[...])
         y_hat = np.asarray(model(x))[0, -1, 0]
@@ -109,19 +109,19 @@ def test_lstm_cell_path_does_not_decay_when_the_forget_gate_is_open():
     layer.b[...] = jnp.asarray(bias)
     layer.w_h[...] = jnp.zeros_like(layer.w_h[...])
     layer.w_x[...] = jnp.zeros_like(layer.w_x[...])
-    flow = grad_flow.measure(model, *grad_flow.probe_batch(cfg), last_target_only=True)
+    flow = grad_flow.measure(model, *grad_flow.probe_batch(cfg), last_step_only=True)
     cell = flow.grad_c[0]
     assert cell[-1] > 0
     np.testing.assert_allclose(cell / cell[-1], 1.0, rtol=1e-6)
     assert abs(grad_flow.log_slope(cell)) < 1e-6
 
 
-@pytest.mark.parametrize("last_target_only", [True, False])
-def test_perturbation_trick_equals_numpy_backward(last_target_only):
+@pytest.mark.parametrize("last_step_only", [True, False])
+def test_perturbation_trick_equals_numpy_backward(last_step_only):
     cfg = grad_flow.Config(seq_len=6, hidden_size=3, probe_batch=2, init="uniform")
     model = grad_flow.make_model(cfg, nnx.Rngs(5))
     x, y = grad_flow.probe_batch(cfg)
-    flow = grad_flow.measure(model, x, y, last_target_only)
+    flow = grad_flow.measure(model, x, y, last_step_only)
     layer = model.rnn.layers[0]
     w_x, w_h, b = (np.asarray(p[...], np.float64) for p in (layer.w_x, layer.w_h, layer.b))
     w_f, b_f = np.asarray(model.head.kernel[...], np.float64), np.asarray(model.head.bias[...])
@@ -134,7 +134,7 @@ def test_perturbation_trick_equals_numpy_backward(last_target_only):
         hs.append(h)
     y_hat = np.stack(hs, 1) @ w_f + b_f
     residual = (y_hat - y64)[..., 0]
-    if last_target_only:
+    if last_step_only:
         d_out = np.zeros_like(residual)
         d_out[:, -1] = 2 * residual[:, -1] / batch
     else:
