@@ -47,6 +47,7 @@ from experiment.workdir import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from experiment.writers import SWEPT_ENV
 
 REPO = Path(__file__).resolve().parent
 STATE_FILE = "sweep_state.json"
@@ -275,12 +276,16 @@ def launch(trial: dict, task: str, fixed: dict, directory: Path, wandb: str) -> 
     command = [sys.executable, str(REPO / "train.py"), f"--task={task}", *args,
                f"--workdir={workdir}", f"--wandb={wandb}"]  # fmt: skip
     workdir.mkdir(parents=True, exist_ok=True)
+    # the swept options are HParams columns of every trial, also where a trial's value
+    # equals the task default
+    env = dict(os.environ, **{SWEPT_ENV: ",".join(trial["params"])})
     # the child gets its own copy of the descriptor; ours is closed at once
     with open(workdir / "trial.log", "ab") as log:
         return subprocess.Popen(
             # the caller's directory: relative paths in the sweep's command (--data_dir)
             # mean what they mean where the user typed the command
             command,
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=Path.cwd(),

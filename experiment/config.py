@@ -289,6 +289,12 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
+def default_dict(cls: type[Config]) -> dict[str, Any]:
+    """`to_dict` of the defaults, also for a class whose defaults alone are not valid."""
+    fields = dataclasses.fields(cls)
+    return {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields}
+
+
 def from_dict(cls: type[Config], data: Mapping[str, Any]) -> Config:
     """Rebuild a config saved with `to_dict` (unknown keys are an error)."""
     names = {f.name for f in dataclasses.fields(cls)}

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from experiment.config import Config, to_dict
+from experiment.config import Config, default_dict, to_dict
 from experiment.errors import RunFailed
 from experiment.workdir import (
     CONFIG_FILE,
@@ -23,7 +23,7 @@ from experiment.workdir import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from experiment.writers import MetricWriters, TensorBoardWriter, WandbWriter
+from experiment.writers import MetricWriters, TensorBoardWriter, WandbWriter, varying_options
 
 __all__ = ["Run", "json_ready", "write_bytes_atomic", "write_json_atomic"]
 
@@ -101,7 +101,8 @@ class Run:
             return
         write_json_atomic(self.workdir / SUMMARY_FILE, summary)
         (self.workdir / FAILURE_FILE).unlink(missing_ok=True)
-        self.writers.hparams(self.config_dict, summary)
+        defaults = default_dict(type(self.cfg))
+        self.writers.hparams(varying_options(self.task, self.config_dict, defaults), summary)
 
     def fail(self, message: str, exit_code: int) -> None:
         """Record why the run failed (for sweeps and reports); checkpoints are left as they were."""

@@ -45,6 +45,37 @@ def _hparam_value(value: Any) -> Any:
     return "none" if value is None else ",".join(str(v) for v in value)
 
 
+RESULT_PREFIX = "result/"
+# What training.loop.fit adds to every summary about how the run went, not what it
+# found; kept out of the HParams metrics (tests/test_tracking.py checks the two agree).
+RUN_STATS = frozenset(
+    {"steps", "train_seconds", "compile_seconds", "steps_per_second", "steps_per_call",
+     "compilations", "devices", "best_step", "stopped_early"}
+)  # fmt: skip
+# The options a sweep varies (set by sweep.py for its trials): always HParams columns.
+SWEPT_ENV = "RNNAE_SWEPT_OPTIONS"
+
+
+def result_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The summary's finite scalar results: no run statistics, no spreads over seeds."""
+    return {
+        k: v
+        for k, v in _finite_scalars(summary).items()
+        if k not in RUN_STATS and not k.endswith("_std")
+    }
+
+
+def varying_options(task: str, config: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict:
+    """The HParams columns of a run: `task`, the options that differ from the task's
+    defaults, and the options a sweep varies (the full config stays in config.json
+    and the W&B config)."""
+    swept = {n for n in os.environ.get(SWEPT_ENV, "").split(",") if n}
+    return {
+        "task": task,
+        **{k: v for k, v in config.items() if k in swept or v != defaults.get(k, object())},
+    }
+
+
 def _finite_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     out = {}
     for key, value in metrics.items():
@@ -62,8 +93,10 @@ class TensorBoardWriter:
         from tensorboardX import SummaryWriter
 
         self._writer = SummaryWriter(logdir=str(logdir), flush_secs=10)
+        self._last_step = 0
 
     def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
+        self._last_step = max(self._last_step, step)
         for key, value in _finite_scalars(metrics).items():
             self._writer.add_scalar(key, value, step)
 
@@ -74,15 +107,16 @@ class TensorBoardWriter:
         self._writer.add_image(name, pixels, step, dataformats="HWC")
 
     def hparams(self, config: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
-        """Config + final metrics in this run's own event stream (HParams dashboard)."""
+        """The HParams dashboard's row of this run: `config` (the options that vary, see
+        `varying_options`) against its result metrics, each one point `result/<key>`."""
         from tensorboardX.summary import hparams
 
-        metrics = {f"hparam/{k}": v for k, v in _finite_scalars(summary).items()}
+        metrics = {f"{RESULT_PREFIX}{k}": v for k, v in result_metrics(summary).items()}
         exp, ssi, sei = hparams({k: _hparam_value(v) for k, v in config.items()}, metrics)
         for proto in (exp, ssi, sei):
             self._writer.file_writer.add_summary(proto)
         for key, value in metrics.items():
-            self._writer.add_scalar(key, value, 0)
+            self._writer.add_scalar(key, value, self._last_step)
 
     def fail(self, message: str, exit_code: int) -> None:
         """Nothing to record: failure.json says why (TensorBoard has no run status)."""

@@ -209,8 +209,9 @@ def test_tensorboard_events_hold_scalars_images_and_hparams(train_cli, tmp_path)
     assert {"predictions", "error_by_step", "eval_curve"} <= images
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(plugins)
     start = plugins["_hparams_/session_start_info"]
-    assert b"hidden_size" in start and b"cell" in start
-    assert b"hparam/eval_loss" in plugins["_hparams_/experiment"]
+    assert b"hidden_size" in start and b"task" in start
+    assert b"cell" not in start  # the default: not an HParams column (test_tracking.py)
+    assert b"result/eval_loss" in plugins["_hparams_/experiment"]
 
 
 def test_offline_wandb_files_are_written_for_a_later_sync(train_cli, tmp_path):

@@ -89,3 +89,51 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     (code_1, id_1), (code_2, id_2) = exit_code_and_id(first), exit_code_and_id(second)
     assert id_1 == id_2 == (tmp_path / "wandb_run_id").read_text().strip()
     assert (code_1, code_2) == (130, 0)
+
+
+def hparams_of(workdir: Path) -> tuple[set[str], set[str]]:
+    """(HParams columns, HParams metric tags) in a run's TensorBoard events."""
+    from tensorboardX.proto import plugin_hparams_pb2
+
+    from tests.test_sweep import read_events
+
+    _, _, plugins = read_events(workdir)
+    start = plugin_hparams_pb2.HParamsPluginData()
+    start.ParseFromString(plugins["_hparams_/session_start_info"])
+    experiment = plugin_hparams_pb2.HParamsPluginData()
+    experiment.ParseFromString(plugins["_hparams_/experiment"])
+    columns = set(start.session_start_info.hparams)
+    metrics = {m.name.tag for m in experiment.experiment.metric_infos}
+    return columns, metrics
+
+
+def test_hparams_show_the_options_that_vary_and_the_results(tmp_path):
+    args = ["--task=running_average", *TINY_ARGS["running_average"], "--steps=4", "--cell=lstm"]
+    assert train.main([*args, f"--workdir={tmp_path}", "--wandb=disabled"]) == 0
+    columns, metrics = hparams_of(tmp_path)
+    given = {a[2:].split("=")[0] for a in args[1:]}
+    assert columns == {"task", *given}  # not checkpoint_every, log_every, optimizer, ...
+    assert {"result/eval_loss", "result/train_loss", "result/eval_mse_last_step"} <= metrics
+    assert not metrics & {"result/steps", "result/compilations", "result/devices"}
+
+
+def test_a_sweep_trial_shows_every_swept_option(tmp_path, monkeypatch):
+    from experiment.writers import SWEPT_ENV
+
+    monkeypatch.setenv(SWEPT_ENV, "hidden_size,activation")
+    args = ["--task=running_average", "--steps=2", "--activation=tanh", "--hidden_size=32"]
+    assert train.main([*args, f"--workdir={tmp_path}", "--wandb=disabled"]) == 0
+    columns, _ = hparams_of(tmp_path)
+    assert columns == {"task", "steps", "activation", "hidden_size"}  # defaults, but swept
+
+
+def test_the_loop_statistics_are_known_to_the_writers(tmp_path):
+    """Every number fit() adds to a summary is a run statistic, not an HParams metric."""
+    from experiment.run import Run
+    from experiment.writers import RUN_STATS
+    from tasks import running_average
+    from training.loop import fit
+
+    cfg = running_average.Config(num_train=64, num_eval=16, batch_size=8, hidden_size=4, steps=2)
+    result = fit(cfg, running_average.make_problem(cfg), Run("running_average", cfg, tmp_path))
+    assert set(result.stats) <= RUN_STATS
