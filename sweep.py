@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
+import json
 import math
 import os
 import random
@@ -47,7 +49,7 @@ from experiment.workdir import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from experiment.writers import SWEPT_ENV
+from experiment.writers import SWEEP_ENV, SWEPT_ENV
 
 REPO = Path(__file__).resolve().parent
 STATE_FILE = "sweep_state.json"
@@ -270,7 +272,17 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def launch(trial: dict, task: str, fixed: dict, directory: Path, wandb: str) -> subprocess.Popen:
+def sweep_identity(directory: Path, spec: dict, seed: int) -> str:
+    """'<name>-<id>' of a sweep: its directory's name and a hash of where it runs, what it
+    searches and its seed, so trials of different sweeps never share a W&B group, and a
+    resumed sweep keeps its own."""
+    text = json.dumps([str(directory), spec, seed], sort_keys=True, default=str)
+    return f"{directory.name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def launch(
+    trial: dict, task: str, fixed: dict, directory: Path, wandb: str, identity: str
+) -> subprocess.Popen:
     workdir = directory / trial["id"]
     args = [f"--{k}={to_text(v)}" for k, v in {**fixed, **trial["params"]}.items()]
     command = [sys.executable, str(REPO / "train.py"), f"--task={task}", *args,
@@ -278,7 +290,10 @@ def launch(trial: dict, task: str, fixed: dict, directory: Path, wandb: str) -> 
     workdir.mkdir(parents=True, exist_ok=True)
     # the swept options are HParams columns of every trial, also where a trial's value
     # equals the task default
-    env = dict(os.environ, **{SWEPT_ENV: ",".join(trial["params"])})
+    env = dict(
+        os.environ,
+        **{SWEPT_ENV: ",".join(trial["params"]), SWEEP_ENV: identity, "WANDB_NAME": trial["id"]},
+    )
     # the child gets its own copy of the descriptor; ours is closed at once
     with open(workdir / "trial.log", "ab") as log:
         return subprocess.Popen(
@@ -333,6 +348,7 @@ def run_sweep(
     metric = spec["metric"]["name"]
     directory.mkdir(parents=True, exist_ok=True)
     state = SweepState(directory, spec, seed)
+    identity = sweep_identity(directory, spec, seed)
     if count is None and spec["method"] != "grid":
         raise UsageError(f"--count is required for method {spec['method']}")
     resume = [t for t in state.trials if t["status"] == "running"]
@@ -353,7 +369,10 @@ def run_sweep(
                     print(f"{trial['id']}: starting {params}", flush=True)
                 else:
                     break
-                running[trial["id"]] = (trial, launch(trial, task, fixed, directory, wandb))
+                running[trial["id"]] = (
+                    trial,
+                    launch(trial, task, fixed, directory, wandb, identity),
+                )
             if not running:
                 break
             finished = [key for key, (_, proc) in running.items() if proc.poll() is not None]

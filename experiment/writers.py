@@ -54,6 +54,8 @@ RUN_STATS = frozenset(
 )  # fmt: skip
 # The options a sweep varies (set by sweep.py for its trials): always HParams columns.
 SWEPT_ENV = "RNNAE_SWEPT_OPTIONS"
+# '<name>-<id>' of the sweep a trial belongs to (set by sweep.py): its W&B group and tag.
+SWEEP_ENV = "RNNAE_SWEEP"
 
 
 def result_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
@@ -160,6 +162,7 @@ class WandbWriter:
             return
         self._wandb = wandb
         self._exit_code = 0
+        sweep = os.environ.get(SWEEP_ENV)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self._run = _start_wandb(
@@ -171,9 +174,12 @@ class WandbWriter:
                 project=os.environ.get("WANDB_PROJECT", "rnnae"),
                 dir=str(workdir),
                 name=os.environ.get("WANDB_NAME") or f"{task}-{workdir.name}",
-                group=task,
+                # a sweep's trials are one group (and tag) of their own; other runs
+                # group by task
+                group=sweep or task,
+                tags=[task, *([sweep] if sweep else [])],
                 job_type=task,
-                config=dict(config, task=task),
+                config=dict(config, task=task, **({"sweep": sweep} if sweep else {})),
                 settings=wandb.Settings(silent=True, disable_git=True),
             )
             # Our step is a logged metric, not W&B's own monotonic step: tasks that

@@ -137,3 +137,24 @@ def test_the_loop_statistics_are_known_to_the_writers(tmp_path):
     cfg = running_average.Config(num_train=64, num_eval=16, batch_size=8, hidden_size=4, steps=2)
     result = fit(cfg, running_average.make_problem(cfg), Run("running_average", cfg, tmp_path))
     assert set(result.stats) <= RUN_STATS
+
+
+def run_record(path: Path):
+    return next(r.run for r in records(path) if r.WhichOneof("record_type") == "run")
+
+
+def test_offline_sweep_trials_carry_their_sweep_identity(tmp_path):
+    import sweep
+    from tests.test_sweep import write_sweep
+
+    spec = write_sweep(tmp_path / "s.yaml", {"hidden_size": {"values": [2, 3]}})
+    groups = []
+    for name in ("first", "second"):
+        out = tmp_path / name
+        assert sweep.main([str(spec), "--sweep_dir", str(out), "--wandb=offline"]) == 0
+        runs = [run_record(offline_runs(out / t)[0]) for t in ("trial-000", "trial-001")]
+        assert [r.display_name for r in runs] == ["trial-000", "trial-001"]
+        (group,) = {r.run_group for r in runs}
+        assert group.startswith(f"{name}-") and all(group in r.tags for r in runs)
+        groups.append(group)
+    assert groups[0] != groups[1]  # the same file swept twice: two groups
