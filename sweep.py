@@ -1,6 +1,7 @@
 """Run a W&B sweep file offline on one machine, with W&B's own search algorithms.
 
     python sweep.py sweeps/X.yaml [--count N] [--workers W] [--sweep_dir DIR] [--seed S]
+                    [--set KEY=VALUE ...] [--retry_failed]
     python sweep.py --report DIR
 
 The YAML is the same file `wandb sweep` takes (method grid | random | bayes,
@@ -17,7 +18,13 @@ At the end (or with --report): a table sorted by the metric with one column per
 swept parameter, printed and saved as results.csv / results.md, the best
 configuration, and results.png (the metric against each parameter).
 
-Exit codes: 0 done, 2 bad sweep file or options, 130 interrupted.
+`--set steps=500` gives every trial an option without editing the YAML (a
+smaller sweep for a first look); `--retry_failed` reruns the failed trials of an
+existing sweep directory, each resuming from its own checkpoints (for trials a
+crash, a kill or a full disk ended; a diverging trial diverges again).
+
+Exit codes: 0 done, 1 every trial failed, 2 bad sweep file or options, 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -341,8 +348,32 @@ def outcome(trial: dict, code: int, directory: Path, metric: str) -> None:
     trial.update(status="failed", error=f"exit {code}: {error}")
 
 
+def with_settings(spec: dict, settings: list[str]) -> dict:
+    """`spec` with each KEY=VALUE of --set as `--KEY=VALUE` in its command (replacing the
+    command's own value of KEY): every trial gets it, and the saved sweep records it."""
+    command = list(spec.get("command") or [])
+    for item in settings:
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or not key:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set steps=500")
+        if key in (spec.get("parameters") or {}):
+            raise UsageError(f"--set {item!r}: {key} is swept by the file; --set fixes others")
+        command = [c for c in command if not (isinstance(c, str) and c.startswith(f"--{key}="))]
+        # before ${args}, where W&B's agents put the swept values
+        at = command.index("${args}") if "${args}" in command else len(command)
+        command.insert(at, f"--{key}={value}")
+    return {**spec, "command": command} if settings else spec
+
+
 def run_sweep(
-    spec: dict, directory: Path, count: int | None, workers: int, seed: int, wandb: str
+    spec: dict,
+    directory: Path,
+    count: int | None,
+    workers: int,
+    seed: int,
+    wandb: str,
+    retry_failed: bool = False,
 ) -> SweepState:
     task, _, fixed = validate(spec)
     metric = spec["metric"]["name"]
@@ -351,6 +382,11 @@ def run_sweep(
     identity = sweep_identity(directory, spec, seed)
     if count is None and spec["method"] != "grid":
         raise UsageError(f"--count is required for method {spec['method']}")
+    if retry_failed:
+        for trial in state.trials:
+            if trial["status"] == "failed":
+                trial.update(status="running", error=None)
+        state.save()
     resume = [t for t in state.trials if t["status"] == "running"]
     running: dict[str, tuple[dict, subprocess.Popen]] = {}
     exhausted = False
@@ -487,6 +523,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the search algorithm")
     parser.add_argument("--wandb", default="offline", choices=["online", "offline", "disabled"])
     parser.add_argument("--report", type=Path, metavar="DIR", help="only write the report of DIR")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option for every trial, over the sweep file's command (e.g. --set steps=500); "
+        "part of the sweep's identity: resume with the same --set",
+    )
+    parser.add_argument(
+        "--retry_failed",
+        action="store_true",
+        help="run the failed trials again (each resumes from its own checkpoints): for "
+        "trials that a crash, a full disk or a kill ended",
+    )
     try:
         args = parser.parse_args(argv)
     except argparse.ArgumentError as err:
@@ -506,10 +556,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.report is not None:
             report(args.report)
             return 0
-        spec = load_sweep_file(args.sweep_file)
+        spec = with_settings(load_sweep_file(args.sweep_file), args.set)
         # absolute from here on: trials and the report agree on where results are
         directory = resolve(args.sweep_dir or Path("sweep_runs") / args.sweep_file.stem)
-        state = run_sweep(spec, directory, args.count, args.workers, args.seed, args.wandb)
+        state = run_sweep(
+            spec, directory, args.count, args.workers, args.seed, args.wandb, args.retry_failed
+        )
         report(directory)
         if state.trials and not any(t["status"] == "finished" for t in state.trials):
             print(f"error: every trial failed; see {directory}/trial-*/trial.log", file=sys.stderr)

@@ -238,3 +238,33 @@ def test_shipped_sweep_files_are_valid(path):
 def test_sweeps_folder_has_no_init_so_the_sweeps_package_stays_importable():
     assert not (REPO / "sweeps" / "__init__.py").exists()
     assert sweep.import_sweeps().next_run is not None
+
+
+def test_set_gives_every_trial_an_option_and_is_checked(tmp_path, capsys):
+    spec = write_sweep(tmp_path / "s.yaml", {"hidden_size": {"values": [2, 3]}})
+    out = tmp_path / "out"
+    assert run(tmp_path, spec, "--sweep_dir", out, "--set", "steps=5", "--set", "seq_len=3") == 0
+    for trial in ("trial-000", "trial-001"):
+        config = json.loads((out / trial / "config.json").read_text())["config"]
+        assert (config["steps"], config["seq_len"]) == (5, 3)
+    assert run(tmp_path, spec, "--sweep_dir", tmp_path / "o2", "--set", "steps=abc") == 2
+    assert "--steps='abc': expected int" in capsys.readouterr().err
+    assert run(tmp_path, spec, "--sweep_dir", tmp_path / "o3", "--set", "hidden_size=4") == 2
+    assert "hidden_size is swept by the file" in capsys.readouterr().err
+
+
+def test_retry_failed_reruns_only_the_failed_trials(tmp_path):
+    spec = write_sweep(tmp_path / "s.yaml", {"hidden_size": {"values": [2, 3]}})
+    out = tmp_path / "out"
+    assert run(tmp_path, spec, "--sweep_dir", out) == 0
+    first = (out / "trial-000" / "summary.json").stat().st_mtime_ns
+    state = json.loads((out / "sweep_state.json").read_text())
+    state["trials"][1].update(status="failed", error="exit -9: killed")  # as if killed
+    (out / "trial-001" / "summary.json").unlink()
+    (out / "sweep_state.json").write_text(json.dumps(state))
+    assert run(tmp_path, spec, "--sweep_dir", out) == 0  # without the flag: left failed
+    assert json.loads((out / "sweep_state.json").read_text())["trials"][1]["status"] == "failed"
+    assert run(tmp_path, spec, "--sweep_dir", out, "--retry_failed") == 0
+    trials = json.loads((out / "sweep_state.json").read_text())["trials"]
+    assert [t["status"] for t in trials] == ["finished", "finished"]
+    assert (out / "trial-000" / "summary.json").stat().st_mtime_ns == first
