@@ -158,3 +158,33 @@ def test_offline_sweep_trials_carry_their_sweep_identity(tmp_path):
         assert group.startswith(f"{name}-") and all(group in r.tags for r in runs)
         groups.append(group)
     assert groups[0] != groups[1]  # the same file swept twice: two groups
+
+
+@pytest.mark.parametrize(
+    "task,args,models",
+    [
+        (
+            "latent_study",
+            ["--latent_sizes=2,3", "--epochs=0", "--steps=20", "--num_train=200",
+             "--num_test=50", "--hidden_sizes=8", "--probe_iterations=3"],
+            ["latent_2", "latent_3"],
+        ),
+        (
+            "linear_ae",
+            ["--steps=20", "--num_train=200", "--lambda_grid=0.01,0.1"],
+            ["lambda_0.01", "lambda_0.1"],
+        ),
+    ],
+)  # fmt: skip
+def test_every_model_of_a_run_is_its_own_complete_series(tmp_path, task, args, models):
+    """Before, the models of one run shared tags with steps restarting at 0, and
+    TensorBoard kept only the last model's points."""
+    from tests.test_sweep import scalar_steps
+
+    every = ["--log_every=5", "--eval_every=10", "--steps_per_call=5", "--wandb=disabled"]
+    assert train.main([f"--task={task}", *args, *every, f"--workdir={tmp_path}"]) == 0
+    steps = scalar_steps(tmp_path)
+    for model in models:
+        assert steps[f"{model}/train_loss"] == [5, 10, 15, 20], model
+        assert steps[f"{model}/eval_recon_mse"] == [10, 20], model
+    assert "train_loss" not in steps or task == "linear_ae"  # linear_ae's own model: unprefixed

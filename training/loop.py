@@ -330,8 +330,9 @@ def fit(
 ) -> FitResult:
     """Train `problem` as `cfg` says, logging to `run`; resumes from the workdir's checkpoints.
 
-    model: a name for each model of a task that trains several (its checkpoints go to
-    WORKDIR/checkpoints/<model>).
+    model: a name for each model of a task that trains several: its checkpoints go to
+    WORKDIR/checkpoints/<model>, and its metrics are logged as `<model>/<metric>`, so
+    TensorBoard and W&B show one complete series per model (their steps restart at 0).
     """
     tx = make_optimizer(cfg)
     replicated = cfg.num_seeds > 1
@@ -366,6 +367,12 @@ def fit(
     last_saved = checkpoints.latest_step()
     progress = Progress(cfg.steps, start=step, desc=desc or run.task, enabled=run.primary)
     segment = _Segment(spent)
+
+    def log(at_step: int, metrics: dict[str, float]) -> None:
+        run.log(
+            at_step, metrics if model is None else {f"{model}/{k}": v for k, v in metrics.items()}
+        )
+
     # What the newest checkpoint records; the summary reports the same numbers, so a
     # rerun of a finished command (which trains nothing) reproduces them exactly.
     totals = dataclasses.asdict(spent)
@@ -421,13 +428,13 @@ def fit(
                 host = _scalar_view(_host_metrics(pending), "train_")
                 pending.clear()
                 progress.update(step, host["train_loss"])
-                run.log(step, dict(host, steps_per_second=progress.steps_per_second(step)))
+                log(step, dict(host, steps_per_second=progress.steps_per_second(step)))
             if evaluate is not None and (_crossed(before, step, cfg.eval_every) or end):
                 guard()
                 ev = {k: np.asarray(v) for k, v in evaluate(state.params, eval_data).items()}
                 record = dict(step=step, **{k: v.tolist() for k, v in ev.items()})
                 history.append(record)
-                run.log(step, _scalar_view(ev, "eval_"))
+                log(step, _scalar_view(ev, "eval_"))
                 if selector is not None:
                     selector.update(step, ev, state.params)
                     if selector.should_stop():
