@@ -24,7 +24,7 @@ from data import datasets
 from data.datasets import Data
 from experiment.config import from_dict, option, with_defaults
 from experiment.errors import UsageError
-from experiment.figures import pyplot
+from experiment.figures import plot_over_seeds, pyplot
 from experiment.run import Run
 from models.autoencoders import Autoencoder, add_noise, apply_mask, random_mask
 from training.config import TrainConfig
@@ -264,21 +264,22 @@ def run(cfg: Config, run: Run) -> dict:
         f"probe accuracy {summary['probe_accuracy']:.4f} "
         f"(untrained {untrained['probe_accuracy']:.4f})"
     )
-    plot_curve(run, result)
+    plot_curve(run, result, first_seed=cfg.seed)
     if data.image_shape is not None:
         plot_reconstructions(cfg, run, result.model(), data)
     return summary
 
 
-def plot_curve(run: Run, result: FitResult) -> None:
+def plot_curve(run: Run, result: FitResult, first_seed: int = 0) -> None:
     plt = pyplot()
 
     if not result.history:
         return
     steps = [h["step"] for h in result.history]
-    values = np.asarray([h["recon_mse"] for h in result.history], dtype=float)
+    values = [h["recon_mse"] for h in result.history]
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.semilogy(steps, values.reshape(len(steps), -1))
+    plot_over_seeds(ax, steps, values, "recon_mse", "C0", first_seed)
+    ax.legend(fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("test reconstruction MSE (clean inputs)")
     run.save_figure(fig, "recon_curve")

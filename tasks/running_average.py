@@ -17,7 +17,7 @@ from flax import nnx
 
 from data.running_average import make_running_average
 from experiment.config import option, with_defaults
-from experiment.figures import pyplot
+from experiment.figures import plot_over_seeds, pyplot
 from experiment.run import Run
 from models.recurrent import Activation, Cell, Impl, Init, SequenceRegressor
 from training.config import TrainConfig
@@ -150,9 +150,9 @@ def plot_results(cfg: Config, run: Run, result: FitResult, held_out: dict) -> No
     if result.history:
         steps = [h["step"] for h in result.history]
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        for key in ("mse_all_steps", "mse_last_step"):
-            values = np.asarray([h[key] for h in result.history], dtype=float)
-            ax.semilogy(steps, values.reshape(len(steps), -1), label=key)
+        for key, color in (("mse_all_steps", "C0"), ("mse_last_step", "C1")):
+            values = [h[key] for h in result.history]
+            plot_over_seeds(ax, steps, values, key, color, first_seed=cfg.seed)
         ax.set_xlabel("step")
         ax.set_ylabel("held-out MSE")
         ax.legend(fontsize=8)

@@ -188,3 +188,19 @@ def test_every_model_of_a_run_is_its_own_complete_series(tmp_path, task, args, m
         assert steps[f"{model}/train_loss"] == [5, 10, 15, 20], model
         assert steps[f"{model}/eval_recon_mse"] == [10, 20], model
     assert "train_loss" not in steps or task == "linear_ae"  # linear_ae's own model: unprefixed
+
+
+def test_curves_over_seeds_have_a_mean_a_band_and_labelled_seeds():
+    from experiment.figures import plot_over_seeds, pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    plot_over_seeds(ax, [10, 20, 30], [[1.0, 2.0, 3.0], [0.5, 0.7, 0.9], [0.2, 0.3, 0.4]],
+                    "loss", "C0", first_seed=4)  # fmt: skip
+    plot_over_seeds(ax, [10], [0.5], "single", "C1")  # one evaluation: a marked point
+    labels = ax.get_legend_handles_labels()[1]
+    plt.close(fig)
+    assert labels == ["loss: mean of 3 seeds ±1 std", "loss: seeds 4..6", "single"]
+    assert len(labels) == len(set(labels))
+    assert len(ax.collections) == 1  # the band
+    assert ax.lines[-1].get_marker() == "o"
