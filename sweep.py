@@ -56,7 +56,7 @@ from experiment.workdir import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from experiment.writers import SWEEP_ENV, SWEPT_ENV
+from experiment.writers import SWEEP_ENV, SWEPT_ENV, result_metrics
 
 REPO = Path(__file__).resolve().parent
 STATE_FILE = "sweep_state.json"
@@ -440,7 +440,10 @@ def run_sweep(
 
 
 def report(directory: Path) -> None:
-    """results.csv, results.md and results.png for a sweep directory, and the printed table."""
+    """results.csv, results.md and results.png for a sweep directory, and the printed table.
+
+    The table has the sweep metric and the task's other result metrics (all of them in
+    the CSV, the first few in the Markdown and printed tables)."""
     state_file = directory / STATE_FILE
     if not state_file.exists():
         raise UsageError(f"--report {directory}: no {STATE_FILE} there")
@@ -451,14 +454,23 @@ def report(directory: Path) -> None:
     done = [t for t in trials if t["status"] == "finished"]
     done.sort(key=lambda t: t["metric"], reverse=goal == "maximize")
     rest = [t for t in trials if t["status"] != "finished"]
-    header = ["trial", *names, metric, "status"]
-    rows = [[t["id"], *[to_text(t["params"].get(n, "")) for n in names],
-             "" if t["metric"] is None else f"{t['metric']:.6g}",
-             t["status"] if t["status"] != "failed" else f"failed: {t['error']}"]
-            for t in done + rest]  # fmt: skip
+    results = {t["id"]: trial_results(directory / t["id"]) for t in done}
+    others = other_metrics(metric, [results[t["id"]] for t in done])
+
+    def rows_with(extra: list[str]) -> tuple[list[str], list[list[str]]]:
+        header = ["trial", *names, metric, *extra, "status"]
+        rows = [[t["id"], *[to_text(t["params"].get(n, "")) for n in names],
+                 "" if t["metric"] is None else f"{t['metric']:.6g}",
+                 *[_number(results.get(t["id"], {}).get(k)) for k in extra],
+                 t["status"] if t["status"] != "failed" else f"failed: {t['error']}"]
+                for t in done + rest]  # fmt: skip
+        return header, rows
+
+    header, rows = rows_with(others)
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header, *rows])
     write_bytes_atomic(directory / "results.csv", buffer.getvalue().encode())
+    header, rows = rows_with(others[:SHOWN_METRICS])
     markdown = "\n".join(
         ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         + ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
@@ -473,7 +485,30 @@ def report(directory: Path) -> None:
     print(format_table(header, rows))
     print(best_line)
     if done:
-        plot_results(directory, names, done, metric)
+        plot_results(directory, spec, done, metric, goal)
+
+
+SHOWN_METRICS = 3  # other result metrics in the printed / Markdown table (all in the CSV)
+
+
+def trial_results(workdir: Path) -> dict[str, float]:
+    """A finished trial's result metrics (its summary less run statistics), {} if unreadable."""
+    try:
+        return result_metrics(read_json_object(workdir / SUMMARY_FILE, "the trial summary"))
+    except UsageError:
+        return {}
+
+
+def other_metrics(metric: str, results: list[dict[str, float]]) -> list[str]:
+    """The result metrics every finished trial reports, in summary order, less `metric`."""
+    if not results:
+        return []
+    common = set.intersection(*(set(r) for r in results))
+    return [k for k in results[0] if k in common and k != metric]
+
+
+def _number(value) -> str:
+    return "" if value is None else f"{value:.6g}"
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
@@ -485,30 +520,65 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
-def plot_results(directory: Path, names: list[str], done: list[dict], metric: str) -> None:
-    plt = pyplot()
+def is_discrete(param: dict, xs: list) -> bool:
+    """A parameter with a list of values (or non-numeric ones): a categorical axis."""
+    numeric = all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs)
+    return "values" in param or "value" in param or not numeric
 
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), squeeze=False)
-    values = [t["metric"] for t in done]
+
+def plot_results(directory: Path, spec: dict, done: list[dict], metric: str, goal: str) -> None:
+    """results.png: the metric against each swept parameter. Every trial is a grey point;
+    for a discrete parameter, each value also gets the best trial and the median over
+    the other parameters (what that value gives across the rest of the grid). Log axes
+    where values span more than two decades."""
+    import numpy as np
+
+    plt = pyplot()
+    names = list(spec["parameters"])
+    fig, axes = plt.subplots(
+        1, len(names), figsize=(3.6 * len(names), 3.6), squeeze=False, sharey=True
+    )
+    values = np.asarray([t["metric"] for t in done], dtype=float)
+    pick = np.min if goal == "minimize" else np.max
     for ax, name in zip(axes[0], names, strict=True):
         xs = [t["params"].get(name) for t in done]
-        if all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs):
-            ax.plot(xs, values, "o")
-            positive = [x for x in xs if x > 0]
-            if positive and len(positive) == len(xs) and max(positive) / min(positive) > 20:
-                ax.set_xscale("log")
+        if is_discrete(spec["parameters"][name], xs):
+            categories = _ordered(spec["parameters"][name], xs)
+            positions = [categories.index(to_text(x)) for x in xs]
+            ax.plot(positions, values, "o", color="0.7", markersize=4, label="each trial")
+            # values of the file that no finished trial has keep their tick, no point
+            at = [i for i in range(len(categories)) if i in positions]
+            groups = [values[[p == i for p in positions]] for i in at]
+            ax.plot(at, [np.median(g) for g in groups], "s-", color="C0",
+                    label="median over the other parameters")  # fmt: skip
+            ax.plot(at, [pick(g) for g in groups], "v" if goal == "minimize" else "^",
+                    color="C3", linestyle="none", markersize=8, label="best")  # fmt: skip
+            ax.set_xticks(range(len(categories)))
+            ax.set_xticklabels(categories)
+            ax.set_xlim(-0.5, len(categories) - 0.5)
         else:
-            labels = sorted({str(x) for x in xs})
-            ax.plot([labels.index(str(x)) for x in xs], values, "o")
-            ax.set_xticks(range(len(labels)))
-            ax.set_xticklabels(labels)
+            numbers = np.asarray(xs, dtype=float)
+            ax.plot(numbers, values, "o", color="C0", markersize=4, label="each trial")
+            if (numbers > 0).all() and numbers.max() / numbers.min() > 100:
+                ax.set_xscale("log")
         ax.set_xlabel(name)
-        ax.set_ylabel(metric)
+    if (values > 0).all() and values.max() / values.min() > 100:
+        axes[0][0].set_yscale("log")  # shared: every panel
+    axes[0][0].set_ylabel(metric)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{directory.name}: {metric} ({goal}) over {len(done)} trials")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     write_bytes_atomic(directory / "results.png", buffer.getvalue())
+
+
+def _ordered(param: dict, xs: list) -> list[str]:
+    """The categories of a parameter as text: the sweep file's order, else sorted."""
+    listed = param.get("values") or ([param["value"]] if "value" in param else [])
+    seen = [to_text(v) for v in listed]
+    return seen + sorted({to_text(x) for x in xs} - set(seen))
 
 
 # ------------------------------------------------------------------------ main

@@ -59,9 +59,12 @@ def test_grid_sweep_runs_every_combination_and_writes_a_sorted_table(tmp_path, c
     }
     values = [float(r["eval_loss"]) for r in rows]
     assert values == sorted(values)
-    for r in rows:  # the table's numbers are the runs' own summaries
+    for r in rows:  # the table's numbers are the runs' own summaries, other results too
         summary = json.loads((tmp_path / "out" / r["trial"] / "summary.json").read_text())
         assert float(r["eval_loss"]) == pytest.approx(summary["eval_loss"], rel=1e-5)
+        assert float(r["train_loss"]) == pytest.approx(summary["train_loss"], rel=1e-5)
+        assert float(r["eval_mse_last_step"]) == pytest.approx(summary["eval_mse_last_step"], 1e-5)
+        assert "steps" not in r and "compile_seconds" not in r  # run statistics: not results
     assert "best (minimize eval_loss)" in capsys.readouterr().out
     assert (tmp_path / "out" / "results.md").exists() and (
         tmp_path / "out" / "results.png"
@@ -287,3 +290,40 @@ def test_retry_failed_reruns_only_the_failed_trials(tmp_path):
     trials = json.loads((out / "sweep_state.json").read_text())["trials"]
     assert [t["status"] for t in trials] == ["finished", "finished"]
     assert (out / "trial-000" / "summary.json").stat().st_mtime_ns == first
+
+
+def test_results_figure_uses_categorical_and_log_axes(tmp_path):
+    """Discrete parameters get one tick per value (not 1.2, 1.4 between 1 and 2); a
+    metric spanning more than two decades gets a log axis."""
+    import sweep as sweep_module
+
+    spec = {
+        "metric": {"name": "eval_loss", "goal": "minimize"},
+        "parameters": {"num_layers": {"values": [1, 2]}, "cell": {"values": ["rnn", "lstm"]}},
+    }
+    done = [
+        {"id": f"t{i}", "params": {"num_layers": n, "cell": c}, "metric": m}
+        for i, (n, c, m) in enumerate(
+            [(1, "rnn", 1e-1), (2, "rnn", 1e-3), (1, "lstm", 1e-5), (2, "lstm", 1e-4)]
+        )
+    ]
+    import matplotlib.pyplot as plt
+
+    captured = {}
+    original = plt.Figure.savefig
+
+    def keep(fig, *a, **k):
+        captured["axes"] = fig.axes
+        return original(fig, *a, **k)
+
+    plt.Figure.savefig = keep
+    try:
+        sweep_module.plot_results(tmp_path, spec, done, "eval_loss", "minimize")
+    finally:
+        plt.Figure.savefig = original
+    layers, cells = captured["axes"]
+    assert [t.get_text() for t in layers.get_xticklabels()] == ["1", "2"]
+    assert [t.get_text() for t in cells.get_xticklabels()] == ["rnn", "lstm"]
+    assert layers.get_yscale() == "log"
+    labels = layers.get_legend_handles_labels()[1]
+    assert labels == ["each trial", "median over the other parameters", "best"]
