@@ -20,6 +20,7 @@ the same numbers.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import itertools
@@ -96,10 +97,25 @@ def get(outcomes: dict[str, Outcome], name: str, key: str):
     return None if outcome is None or not outcome.ok else outcome.summary.get(key)
 
 
-def check(condition: bool | None, claim: str, contrary: str) -> str:
-    """A generated sentence: the claim when the numbers support it, else a flagged mismatch."""
+# How the claims of this report came out, for its header; `main` resets it and sets
+# whether the settings are the quick ones.
+TALLY: collections.Counter = collections.Counter()
+QUICK = {"on": False}
+
+
+def check(condition: bool | None, claim: str, contrary: str, full_only: bool = False) -> str:
+    """A generated sentence: the claim when the numbers support it, else a flagged mismatch.
+
+    full_only: the claim is a target stated for the documented (full) settings; at quick
+    settings it is reported as not checked instead of judged.
+    """
+    if full_only and QUICK["on"]:
+        TALLY["not checked"] += 1
+        return f"*Not checked at quick settings (a target of the full settings):* {claim}"
     if condition is None:
+        TALLY["not checked"] += 1
         return f"(not measured: {claim})"
+    TALLY["confirmed" if condition else "mismatch"] += 1
     return claim if condition else f"**Mismatch:** {contrary}"
 
 
@@ -302,9 +318,10 @@ def surnames_explain(o):
     return [
         check(
             None if acc is None else acc >= 0.84,
-            f"Test accuracy {fmt(acc)} reaches the 0.84 goal.",
+            f"Test accuracy {fmt(acc)} reaches the 0.84 goal (3,000 steps, the defaults).",
             f"test accuracy {fmt(acc)} is below the 0.84 goal "
             f"(ceiling of this split: {fmt(ceiling)}).",
+            full_only=True,
         ),
         check(
             None if acc is None or macro is None else macro < acc,
@@ -401,30 +418,26 @@ MNIST = [
 
 
 def mnist_table(o):
+    seeds = max(len(get(o, e.name, "probe_accuracy_per_seed") or [1]) for e in MNIST)
+    spread = seeds > 1  # one seed has no spread: no std column, and no "mean" in the header
     header = [
         "kind",
-        "probe accuracy (mean over seeds)",
-        "probe std",
+        f"probe accuracy (mean over {seeds} seeds)" if spread else "probe accuracy (1 seed)",
+        *(["probe std"] if spread else []),
         "probe (untrained)",
         "recon MSE (clean)",
         "PCA-32 recon",
-        "s / epoch (all seeds in one program)",
+        "s / epoch (all seeds in one program)" if spread else "s / epoch",
     ]
-    rows = [
-        [e.name[6:]]
-        + [
-            get(o, e.name, k)
-            for k in (
-                "probe_accuracy",
-                "probe_accuracy_std",
-                "probe_accuracy_untrained",
-                "recon_mse",
-                "pca_recon_mse",
-                "seconds_per_epoch",
-            )
-        ]
-        for e in MNIST
+    keys = [
+        "probe_accuracy",
+        *(["probe_accuracy_std"] if spread else []),
+        "probe_accuracy_untrained",
+        "recon_mse",
+        "pca_recon_mse",
+        "seconds_per_epoch",
     ]
+    rows = [[e.name[6:]] + [get(o, e.name, k) for k in keys] for e in MNIST]
     return header, rows
 
 
@@ -441,6 +454,7 @@ def mnist_explain(o):
                 f"vanilla ({fmt(v)}).",
                 f"the {kind} autoencoder's probe ({fmt(p)}) is only {fmt(gain)} points above "
                 f"vanilla ({fmt(v)}).",
+                full_only=True,  # the +1 point target is stated for 3 seeds at 50 epochs
             )
         )
     return out
@@ -705,6 +719,8 @@ def main(argv: list[str] | None = None) -> int:
     out = opts.out.absolute()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    TALLY.clear()
+    QUICK["on"] = opts.quick
     outcomes: dict[str, Outcome] = {}
     for section in SECTIONS:
         for e in section.experiments:
@@ -734,6 +750,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"{len(outcomes) - len(failed)} of {len(outcomes)} experiments succeeded"
         + (f"; failed or skipped: {', '.join(failed)}." if failed else "."),
+        f"Claims: {TALLY['confirmed']} confirmed, {TALLY['mismatch']} mismatch, "
+        f"{TALLY['not checked']} not checked"
+        + (" (targets of the full settings are not judged at quick settings)" if opts.quick else "")
+        + ".",
         "Every number below is read from the run's `summary.json` under `runs/`; sentences "
         "marked **Mismatch** are findings the numbers did not support.",
         "",

@@ -77,3 +77,19 @@ def test_missing_mnist_is_explained_not_fatal(tmp_path):
         report.SECTIONS = saved
     text = (tmp_path / "README.md").read_text()
     assert "MNIST not found" in text and "--mnist_dir=DIR" in text
+
+
+def test_quick_claims_are_counted_and_full_targets_not_judged(tiny_report):
+    text = (tiny_report / "README.md").read_text()
+    counts = text.split("Claims: ", 1)[1].split(".", 1)[0]
+    confirmed, mismatch, unchecked = (int(part.split()[0]) for part in counts.split(", "))
+    assert unchecked >= 3  # the surnames 0.84 goal and both MNIST gains
+    assert text.count("*Not checked at quick settings") >= 3
+    assert "0.84 goal" not in text.split("**Mismatch:**", 1)[-1].split("\n")[0]
+    assert confirmed + mismatch + unchecked == (
+        text.count("*Not checked at quick settings")
+        + text.count("(not measured:")
+        + text.count("**Mismatch:**")
+        + confirmed
+    )
+    assert "probe accuracy (1 seed)" in text and "probe std" not in text  # quick: one seed
