@@ -565,9 +565,11 @@ def plot_results(directory: Path, spec: dict, done: list[dict], metric: str, goa
     if (values > 0).all() and values.max() / values.min() > 100:
         axes[0][0].set_yscale("log")  # shared: every panel
     axes[0][0].set_ylabel(metric)
-    axes[0][0].legend(fontsize=7)
+    # one legend below the panels: inside one, it would hide that panel's points
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(f"{directory.name}: {metric} ({goal}) over {len(done)} trials")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
