@@ -294,10 +294,11 @@ def plot_reconstructions(
 
     x = jnp.asarray(data.x_test[:count])
     corrupted, _ = corrupt(cfg, model, x, jax.random.key(cfg.seed + 99), data.image_shape)
+    # two-line labels: one line is taller than a row of images and touches its neighbours
     rows = [("input", x)]
     if cfg.kind != "vanilla":
-        rows += [(f"{cfg.kind} input", corrupted), ("output from it", model(corrupted))]
-    rows += [("output from clean input", model(x))]
+        rows += [(f"{cfg.kind}\ninput", corrupted), ("output\nfrom it", model(corrupted))]
+    rows += [("output from\nclean input", model(x))]
     fig, axes = plt.subplots(len(rows), count, figsize=(1.2 * count, 1.3 * len(rows)))
     for r, (label, images) in enumerate(rows):
         for c in range(count):

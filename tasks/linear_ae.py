@@ -270,10 +270,12 @@ def plot_training(cfg: Config, run: Run, history: list) -> None:
         strict=True,
     ):
         # floor at 1e-12: an exact zero (e.g. a perfectly balanced start) has no log
-        ax.semilogy(steps, [max(h[key], 1e-12) for h in history])
+        # markers: a run with one evaluation still shows its point
+        ax.semilogy(steps, [max(h[key], 1e-12) for h in history], marker="o", markersize=3)
         ax.set_xlabel("step")
         ax.set_ylabel(label)
     fig.suptitle(f"linear AE, k={cfg.latent_dim}, {cfg.optimizer}, lambda={cfg.weight_decay:g}")
+    fig.tight_layout()  # room for each panel's y label beside its neighbour
     run.save_figure(fig, "training")
 
 
@@ -298,5 +300,8 @@ def plot_singular_values(cfg: Config, run: Run, spec: Spectrum, results: dict) -
     ax.set_xscale("log")
     ax.set_xlabel("weight decay lambda (lambda = 0 drawn at the left edge)")
     ax.set_ylabel("singular values of W2")
-    ax.set_title("trained (dots) vs sqrt(1 - lambda/s_i^2) for the largest/smallest s_i^2 (lines)")
+    ax.set_title(
+        "trained (dots) vs sqrt(1 - lambda/s_i^2)\nfor the largest / smallest s_i^2 (lines)",
+        fontsize=10,
+    )
     run.save_figure(fig, "singular_values")

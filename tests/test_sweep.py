@@ -313,7 +313,9 @@ def test_results_figure_uses_categorical_and_log_axes(tmp_path):
     original = plt.Figure.savefig
 
     def keep(fig, *a, **k):
-        captured["axes"] = fig.axes
+        from tests.figure_check import problems
+
+        captured["axes"], captured["problems"] = fig.axes, problems(fig)
         return original(fig, *a, **k)
 
     plt.Figure.savefig = keep
@@ -327,3 +329,4 @@ def test_results_figure_uses_categorical_and_log_axes(tmp_path):
     assert layers.get_yscale() == "log"
     labels = layers.get_legend_handles_labels()[1]
     assert labels == ["each trial", "median over the other parameters", "best"]
+    assert captured["problems"] == []  # no overlapping text, no empty panel
