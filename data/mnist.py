@@ -1,15 +1,19 @@
 """MNIST from the original IDX files or from TensorFlow Datasets (without TensorFlow).
 
-Two ways to provide the data:
+Ways to provide the data:
 
+* `python -m data.mnist download --dir DIR` fetches the four original IDX files
+  (from the mirror TensorFlow uses, else PyTorch's), checks each against its
+  published SHA-256 and writes it atomically; then pass `--mnist_dir=DIR`.
 * `--mnist_dir=DIR`: a directory with the original files
   `train-images-idx3-ubyte[.gz]`, `train-labels-idx1-ubyte[.gz]`,
   `t10k-images-idx3-ubyte[.gz]`, `t10k-labels-idx1-ubyte[.gz]`. With only the
   10k test files present, they are split in file order: the first 8,000 images
   train, the last 2,000 test (the run says so).
 * TFDS: `tfds.data_source("mnist")` over a prepared array_record copy in
-  `--data_dir` or $TFDS_DATA_DIR (prepare it once with network access:
-  `tfds build mnist --file_format=array_record`). No download is attempted.
+  `--data_dir` or $TFDS_DATA_DIR. Preparing one (`tfds build mnist
+  --file_format=array_record`) needs TensorFlow, which this project does not
+  install; the IDX download above does not. Training never downloads.
 
 Images become float32 vectors in [0, 1] of length 784; labels int32.
 """
@@ -28,10 +32,29 @@ from experiment.errors import UsageError
 IMAGE_SHAPE = (28, 28)
 TRAIN_FROM_TEST_SET = 8_000
 HOW_TO_PROVIDE = (
-    "provide MNIST either as the original IDX files in a directory (--mnist_dir=DIR holding "
-    "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz, and optionally the train-* files) "
-    "or as a TFDS array_record copy (--data_dir=DIR or $TFDS_DATA_DIR, prepared once online with "
-    "`tfds build mnist --file_format=array_record`)"
+    "get the original IDX files with `python -m data.mnist download --dir DIR` and pass "
+    "--mnist_dir=DIR (a directory holding t10k-images-idx3-ubyte.gz and "
+    "t10k-labels-idx1-ubyte.gz, and optionally the train-* files), or pass a TFDS "
+    "array_record copy with --data_dir=DIR or $TFDS_DATA_DIR (building one needs TensorFlow)"
+)
+
+# The published SHA-256 of each original (gzipped) file, as TFDS pins them.
+IDX_SHA256 = {
+    name: digest
+    for name, digest in (
+        ("train-images-idx3-ubyte.gz", "440fcabf73cc546fa21475e81ea37026"
+                                       "5605f56be210a4024d2ca8f203523609"),
+        ("train-labels-idx1-ubyte.gz", "3552534a0a558bbed6aed32b30c495cc"
+                                       "a23d567ec52cac8be1a0730e8010255c"),
+        ("t10k-images-idx3-ubyte.gz", "8d422c7b0a1c1c79245a5bcf07fe86e3"
+                                      "3eeafee792b84584aec276f5a2dbc4e6"),
+        ("t10k-labels-idx1-ubyte.gz", "f7ae60f92e00ec6debd23a6088c31dbd"
+                                      "2371eca3ffa0defaefb259924204aec6"),
+    )
+}  # fmt: skip
+MIRRORS = (
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
 )
 
 
@@ -158,3 +181,82 @@ def load_mnist(mnist_dir: str | None = None, data_dir: str | None = None) -> Mni
     if mnist_dir:
         return load_idx_dir(Path(mnist_dir))
     return load_tfds(data_dir)
+
+
+# ------------------------------------------------------------------ download
+
+
+def _sha256(payload: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _fetch(name: str) -> bytes:
+    """The file from the first mirror that serves it with the published checksum."""
+    import urllib.request
+
+    failures = []
+    for mirror in MIRRORS:
+        try:
+            with urllib.request.urlopen(mirror + name, timeout=60) as response:
+                payload = response.read()
+        except OSError as err:  # URLError, timeouts, refused connections
+            failures.append(f"{mirror}: {getattr(err, 'reason', err)}")
+            continue
+        if _sha256(payload) == IDX_SHA256[name]:
+            return payload
+        failures.append(f"{mirror}: checksum mismatch")
+    raise UsageError(
+        f"cannot download {name} ({'; '.join(failures)}); without network, copy the four "
+        "original IDX files into the directory yourself and pass --mnist_dir=DIR"
+    )
+
+
+def download(directory: Path) -> list[Path]:
+    """The four original IDX files in `directory`, fetched and verified where missing or
+    wrong (a file already there with the right checksum is kept)."""
+    from experiment.workdir import write_bytes_atomic
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"--dir={directory}: exists and is not a directory")
+    paths = []
+    for name, expected in IDX_SHA256.items():
+        path = directory / name
+        if path.is_file() and _sha256(path.read_bytes()) == expected:
+            print(f"{name}: present, checksum verified")
+        else:
+            payload = _fetch(name)
+            try:
+                write_bytes_atomic(path, payload)  # never a half-written file
+            except OSError as err:
+                raise UsageError(f"cannot write {path} ({err.strerror or err})") from None
+            print(f"{name}: downloaded, checksum verified ({len(payload):,} bytes)")
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m data.mnist", exit_on_error=False)
+    commands = parser.add_subparsers(dest="command", required=True)
+    get = commands.add_parser("download", help="the original IDX files, SHA-256 checked")
+    get.add_argument("--dir", required=True, type=Path, help="where to put them")
+    try:
+        args = parser.parse_args(argv)
+        download(args.dir.expanduser())
+        print(f"done: train with --mnist_dir={args.dir}")
+        return 0
+    except (argparse.ArgumentError, UsageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun to continue (verified files are kept)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

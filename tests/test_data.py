@@ -100,3 +100,70 @@ def test_tfds_path_with_mock_data():
     assert data.x_train.shape == (12, 784) and data.x_test.shape == (12, 784)
     assert data.x_train.dtype == np.float32 and data.x_train.min() >= 0 and data.x_train.max() <= 1
     assert data.y_train.dtype == np.int32 and not data.split_from_test_set
+
+
+class FakeMirror:
+    """urllib.request.urlopen serving `files` by name (None: the network is unreachable)."""
+
+    def __init__(self, files):
+        self.files, self.requests = files, []
+
+    def __call__(self, url, timeout=None):
+        import io
+        import urllib.error
+
+        self.requests.append(url)
+        name = url.rsplit("/", 1)[1]
+        if self.files is None or name not in self.files:
+            raise urllib.error.URLError("Name or service not known")
+        return io.BytesIO(self.files[name])
+
+
+def test_mnist_download_offline_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    import urllib.request
+
+    from data import mnist
+
+    monkeypatch.setattr(urllib.request, "urlopen", FakeMirror(None))
+    assert mnist.main(["download", "--dir", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot download train-images-idx3-ubyte.gz" in err and "--mnist_dir" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.rglob("*ubyte*"))
+
+
+def test_mnist_download_refuses_a_wrong_checksum(tmp_path, monkeypatch, capsys):
+    import urllib.request
+
+    from data import mnist
+
+    garbage = {name: b"not mnist" for name in mnist.IDX_SHA256}
+    monkeypatch.setattr(urllib.request, "urlopen", FakeMirror(garbage))
+    assert mnist.main(["download", "--dir", str(tmp_path)]) == 2
+    assert "checksum mismatch" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*ubyte*"))  # nothing unverified is kept
+
+
+def test_mnist_download_verifies_keeps_and_loads(tmp_path, monkeypatch, mnist_dir):
+    """Served the real t10k files (and tiny stand-ins for train, with their checksums
+    patched in): every file is written once, verified, kept on a rerun, and loads."""
+    import hashlib
+    import urllib.request
+
+    from data import mnist
+
+    files = {p.name: p.read_bytes() for p in mnist_dir.glob("t10k-*")}
+    images = gzip.compress(bytes([0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 28, 0, 0, 0, 28]) + bytes(1568))
+    labels = gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 2, 3, 7]))
+    files |= {"train-images-idx3-ubyte.gz": images, "train-labels-idx1-ubyte.gz": labels}
+    checksums = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    monkeypatch.setattr(mnist, "IDX_SHA256", checksums)
+    mirror = FakeMirror(files)
+    monkeypatch.setattr(urllib.request, "urlopen", mirror)
+    assert mnist.main(["download", "--dir", str(tmp_path)]) == 0
+    assert len(mirror.requests) == 4
+    assert mnist.main(["download", "--dir", str(tmp_path)]) == 0
+    assert len(mirror.requests) == 4  # verified files are kept, not fetched again
+    data = mnist.load_idx_dir(tmp_path)
+    assert data.x_train.shape == (2, 784) and list(data.y_train) == [3, 7]
+    assert data.x_test.shape == (10_000, 784)
