@@ -15,7 +15,8 @@ from __future__ import annotations
 # reported in one line (experiment.interrupt), not a traceback from an import.
 from experiment import interrupt
 
-interrupt.install_early()
+if __name__ == "__main__":  # a command, not a module imported by tests or other code
+    interrupt.install_early()
 
 import contextlib
 import os
