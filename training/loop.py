@@ -358,7 +358,11 @@ def fit(
 
     checkpoints = Checkpoints(checkpoints_dir(run.workdir, model), keep=cfg.keep_checkpoints)
     saved_config = {"task": run.task, "config": run.config_dict}
-    state, spent = _maybe_resume(checkpoints, state, selector)
+    try:
+        state, spent = _maybe_resume(checkpoints, state, selector)
+    except BaseException:
+        checkpoints.close()  # a refused resume leaves no orbax thread behind
+        raise
     step = int(jax.device_get(state.step).max())
     steps_per_call = cfg.steps_per_call or default_steps_per_call()
     history: list[dict[str, Any]] = spent.history
