@@ -46,7 +46,7 @@ from typing import Any
 
 from experiment import run_options
 from experiment.config import build_config, suggest, to_text
-from experiment.errors import UsageError
+from experiment.errors import UsageError, command_exit_code
 from experiment.figures import pyplot
 from experiment.workdir import (
     FAILURE_FILE,
@@ -623,28 +623,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        if args.report is not None:
-            report(args.report)
-            return 0
-        spec = with_settings(load_sweep_file(args.sweep_file), args.set)
-        # absolute from here on: trials and the report agree on where results are
-        directory = resolve(args.sweep_dir or Path("sweep_runs") / args.sweep_file.stem)
-        state = run_sweep(
-            spec, directory, args.count, args.workers, args.seed, args.wandb, args.retry_failed
-        )
-        report(directory)
-        if state.trials and not any(t["status"] == "finished" for t in state.trials):
-            print(f"error: every trial failed; see {directory}/trial-*/trial.log", file=sys.stderr)
-            return 1
+    return command_exit_code(
+        lambda: _main(sys.argv[1:] if argv is None else argv),
+        "interrupted; rerun the same command to resume the sweep",
+    )
+
+
+def _main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.report is not None:
+        report(args.report)
         return 0
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume the sweep", file=sys.stderr)
-        return 130
+    spec = with_settings(load_sweep_file(args.sweep_file), args.set)
+    # absolute from here on: trials and the report agree on where results are
+    directory = resolve(args.sweep_dir or Path("sweep_runs") / args.sweep_file.stem)
+    state = run_sweep(
+        spec, directory, args.count, args.workers, args.seed, args.wandb, args.retry_failed
+    )
+    report(directory)
+    if state.trials and not any(t["status"] == "finished" for t in state.trials):
+        print(f"error: every trial failed; see {directory}/trial-*/trial.log", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiment.errors import UsageError
+from experiment.errors import UsageError, command_exit_code
 
 IMAGE_SHAPE = (28, 28)
 TRAIN_FROM_TEST_SET = 8_000
@@ -239,23 +239,19 @@ def download(directory: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(prog="python -m data.mnist", exit_on_error=False)
     commands = parser.add_subparsers(dest="command", required=True)
     get = commands.add_parser("download", help="the original IDX files, SHA-256 checked")
     get.add_argument("--dir", required=True, type=Path, help="where to put them")
-    try:
+
+    def body() -> int:
         args = parser.parse_args(argv)
         download(args.dir.expanduser())
         print(f"done: train with --mnist_dir={args.dir}")
         return 0
-    except (argparse.ArgumentError, UsageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun to continue (verified files are kept)", file=sys.stderr)
-        return 130
+
+    return command_exit_code(body, "interrupted; rerun to continue (verified files are kept)")
 
 
 if __name__ == "__main__":

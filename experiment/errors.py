@@ -17,3 +17,19 @@ class RunFailed(Exception):
     """
 
     exit_code = 1
+
+
+def command_exit_code(body, interrupted: str = "interrupted") -> int:
+    """Run a command-line entry point's `body()` (returning its exit code): a UsageError or
+    an argparse error is one line and exit 2, Ctrl-C is `interrupted` and exit 130."""
+    import argparse
+    import sys
+
+    try:
+        return body()
+    except (argparse.ArgumentError, UsageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130

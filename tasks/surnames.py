@@ -31,7 +31,7 @@ from flax import nnx
 from data import surnames as text
 from experiment import faults
 from experiment.config import from_dict, option, with_defaults
-from experiment.errors import UsageError
+from experiment.errors import UsageError, command_exit_code
 from experiment.figures import pyplot
 from experiment.run import Run
 from experiment.workdir import BEST_DIR, CHECKPOINTS_DIR, read_json_object, write_json_atomic
@@ -480,17 +480,14 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--workdir", required=True)
     evaluate.add_argument("--tsv", required=True)
     evaluate.add_argument("--json", action="store_true")
-    try:
+
+    def body() -> int:
         with faults.quiet_library_noise():
             args = parser.parse_args(argv)
             (predict_command if args.command == "predict" else evaluate_command)(args)
         return 0
-    except (argparse.ArgumentError, UsageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+    return command_exit_code(body)
 
 
 if __name__ == "__main__":

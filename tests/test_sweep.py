@@ -182,11 +182,10 @@ def test_a_metric_the_task_never_reports_is_a_clear_error(tmp_path, capsys):
     assert "metric 'accuracy' is not in trial-000's summary.json" in err and "eval_loss" in err
 
 
-def scalar_steps(workdir) -> dict[str, list[int]]:
-    """{scalar tag: the steps it was logged at, in file order} of a run's event files."""
+def events(workdir):
+    """Every Event of a run's event files (TFRecord framing: length, crc, data, crc)."""
     from tensorboardX.proto import event_pb2
 
-    steps: dict[str, list[int]] = {}
     for path in sorted(glob.glob(str(workdir / "events.out.tfevents.*"))):
         with open(path, "rb") as f:
             data, i = f.read(), 0
@@ -195,32 +194,30 @@ def scalar_steps(workdir) -> dict[str, list[int]]:
             event = event_pb2.Event()
             event.ParseFromString(data[i + 12 : i + 12 + length])
             i += 12 + length + 4
-            for value in event.summary.value:
-                if value.HasField("simple_value"):
-                    steps.setdefault(value.tag, []).append(event.step)
+            yield event
+
+
+def scalar_steps(workdir) -> dict[str, list[int]]:
+    """{scalar tag: the steps it was logged at, in file order} of a run's event files."""
+    steps: dict[str, list[int]] = {}
+    for event in events(workdir):
+        for value in event.summary.value:
+            if value.HasField("simple_value"):
+                steps.setdefault(value.tag, []).append(event.step)
     return steps
 
 
 def read_events(workdir):
     """(scalar tags, image tags, {hparams plugin tag: raw content}) of a run's event files."""
-    from tensorboardX.proto import event_pb2
-
     scalars, images, plugins = set(), set(), {}
-    for path in glob.glob(str(workdir / "events.out.tfevents.*")):
-        with open(path, "rb") as f:
-            data, i = f.read(), 0
-        while i < len(data):
-            (length,) = struct.unpack("Q", data[i : i + 8])
-            event = event_pb2.Event()
-            event.ParseFromString(data[i + 12 : i + 12 + length])
-            i += 12 + length + 4
-            for value in event.summary.value:
-                if value.metadata.plugin_data.plugin_name == "hparams":
-                    plugins[value.tag] = value.metadata.plugin_data.content
-                elif value.HasField("image"):
-                    images.add(value.tag)
-                elif value.HasField("simple_value"):
-                    scalars.add(value.tag)
+    for event in events(workdir):
+        for value in event.summary.value:
+            if value.metadata.plugin_data.plugin_name == "hparams":
+                plugins[value.tag] = value.metadata.plugin_data.content
+            elif value.HasField("image"):
+                images.add(value.tag)
+            elif value.HasField("simple_value"):
+                scalars.add(value.tag)
     return scalars, images, plugins
 
 
