@@ -1,12 +1,14 @@
 """Reproduce the whole study with one command: every experiment, figure and number.
 
     python report.py [--quick] [--out DIR] [--mnist_dir DIR] [--names_dir DIR] [--set KEY=VALUE ...]
+                     [--workers W] [--no_pack]
 
-Runs each experiment of the project as its own `train.py` process under
-DIR/runs/ and writes DIR/README.md: one section per question, with the
-figures, a table of the measured numbers, the exact command, and an
-explanation generated from those numbers (a number that contradicts the
-expected finding is flagged as a mismatch, not hidden). DIR/report.json holds
+Runs each experiment of the project as a `train.py` run under DIR/runs/ (through
+the study executor: `--workers` long-lived processes, compatible experiments
+packed into one program, experiment.study) and writes DIR/README.md: one
+section per question, with the figures, a table of the measured numbers, the
+exact command, and an explanation generated from those numbers (a number that
+contradicts the expected finding is flagged as a mismatch, not hidden). DIR/report.json holds
 the same numbers.
 
 - A run whose workdir already holds a summary for the same config is reused.
@@ -26,7 +28,6 @@ import datetime
 import itertools
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from experiment.config import build_config, to_dict, tokenize
 from experiment.errors import UsageError
+from experiment.study import Result, Trial, run_trials
 from experiment.workdir import (
     FAILURE_FILE,
     SUMMARY_FILE,
@@ -604,7 +606,9 @@ def missing_data(e: Experiment, opts) -> str | None:
     return None
 
 
-def run_experiment(e: Experiment, opts, runs_dir: Path) -> Outcome:
+def plan_experiment(e: Experiment, opts, runs_dir: Path) -> Outcome | Trial:
+    """The experiment's outcome when there is nothing to run (a reusable result, missing
+    data), else the trial that produces it."""
     import tasks
 
     args = experiment_args(e, opts)
@@ -625,27 +629,67 @@ def run_experiment(e: Experiment, opts, runs_dir: Path) -> Outcome:
             return Outcome(e, command, summary=summary, reused=True)
     if workdir.exists():
         shutil.rmtree(workdir)  # a different config or an unfinished run: start afresh
-    full = [
-        sys.executable,
-        str(REPO / "train.py"),
-        f"--task={e.task}",
-        *args,
-        f"--workdir={workdir}",
-        "--wandb=disabled",
-    ]
-    print(f"[report] {e.name}: {command}", flush=True)
-    proc = subprocess.run(full, cwd=REPO, capture_output=True, text=True)
+    options = dict(arg[2:].split("=", 1) for arg in args)
+    return Trial(e.name, e.task, options, workdir, wandb="disabled")
+
+
+def trial_outcome(e: Experiment, result: Result) -> Outcome:
+    """What a finished trial gives the report: its summary, or why it failed."""
+    trial, workdir = result.trial, result.trial.workdir
+    command = " ".join(["python train.py", f"--task={e.task}",
+                        *[f"--{k}={v}" for k, v in trial.options.items()]])  # fmt: skip
+    if result.cause is not None:
+        return Outcome(e, command, error=f"exit {result.exit_code}: {result.cause}")
     try:
-        if proc.returncode == 0 and summary_file.exists():
-            return Outcome(e, command, summary=read_json_object(summary_file, "the summary"))
+        if result.exit_code == 0 and (workdir / SUMMARY_FILE).exists():
+            return Outcome(
+                e, command, summary=read_json_object(workdir / SUMMARY_FILE, "the summary")
+            )
         error = None
         if (workdir / FAILURE_FILE).exists():
             error = read_json_object(workdir / FAILURE_FILE, "the failure record").get("error")
     except UsageError as err:
         error = str(err)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    error = error or (lines[-1] if lines else f"exit code {proc.returncode}")
-    return Outcome(e, command, error=f"exit {proc.returncode}: {error}")
+    if error is None:
+        lines = [ln for ln in trial.log.read_text(errors="replace").splitlines() if ln.strip()]
+        error = lines[-1] if lines else f"exit code {result.exit_code}"
+    return Outcome(e, command, error=f"exit {result.exit_code}: {error}")
+
+
+def run_experiments(opts, runs_dir: Path) -> dict[str, Outcome]:
+    """Every experiment's outcome: reused, or run through the study executor (workers
+    reuse one process per worker; compatible experiments train packed)."""
+    experiments = {e.name: e for section in SECTIONS for e in section.experiments}
+    outcomes: dict[str, Outcome] = {}
+    trials: list[Trial] = []
+    for e in experiments.values():
+        try:
+            planned = plan_experiment(e, opts, runs_dir)
+        except UsageError as err:
+            planned = Outcome(e, f"python train.py --task={e.task}", error=str(err))
+        if isinstance(planned, Outcome):
+            outcomes[e.name] = planned
+        else:
+            trials.append(planned)
+
+    def more(idle: int) -> list[Trial]:
+        chosen = list(trials)
+        trials.clear()
+        return chosen
+
+    def on_start(job: list[Trial]) -> None:
+        packed = f" (packed: {len(job)} in one program)" if len(job) > 1 else ""
+        print(f"[report] {', '.join(t.id for t in job)}{packed}", flush=True)
+
+    def on_result(result: Result) -> None:
+        outcome = trial_outcome(experiments[result.trial.id], result)
+        outcomes[result.trial.id] = outcome
+        print(f"[report] {result.trial.id}: {'ok' if outcome.ok else outcome.error}", flush=True)
+
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    run_trials(more, workers=opts.workers, pack=not opts.no_pack, on_start=on_start,
+               on_result=on_result, worker_log=runs_dir / "workers.log")  # fmt: skip
+    return {name: outcomes[name] for name in experiments if name in outcomes}
 
 
 # ------------------------------------------------------------------- writing
@@ -706,7 +750,14 @@ def main(argv: list[str] | None = None) -> int:
         "--names_dir", type=Path, default=SHARED / "names" if (SHARED / "names").is_dir() else None
     )
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument(
+        "--no_pack", action="store_true", help="train every experiment alone (no packing)"
+    )
     opts = parser.parse_args(argv)
+    if opts.workers < 1:
+        print(f"error: --workers={opts.workers}: must be >= 1", file=sys.stderr)
+        return 2
     try:
         opts.overrides = dict(s.split("=", 1) for s in opts.sets)
     except ValueError:
@@ -721,13 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     TALLY.clear()
     QUICK["on"] = opts.quick
-    outcomes: dict[str, Outcome] = {}
-    for section in SECTIONS:
-        for e in section.experiments:
-            try:
-                outcomes[e.name] = run_experiment(e, opts, out / "runs")
-            except UsageError as err:
-                outcomes[e.name] = Outcome(e, f"python train.py --task={e.task}", error=str(err))
+    outcomes = run_experiments(opts, out / "runs")
     elapsed = time.perf_counter() - t0
     body, numbers = [], {}
     for section in SECTIONS:

@@ -1,16 +1,20 @@
 """Run a W&B sweep file offline on one machine, with W&B's own search algorithms.
 
     python sweep.py sweeps/X.yaml [--count N] [--workers W] [--sweep_dir DIR] [--seed S]
-                    [--set KEY=VALUE ...] [--retry_failed]
+                    [--set KEY=VALUE ...] [--retry_failed] [--no_pack]
     python sweep.py --report DIR
 
 The YAML is the same file `wandb sweep` takes (method grid | random | bayes,
 metric, parameters, and a command holding --task=NAME). Trials are proposed by
 `sweeps.next_run` (the `sweeps` package that W&B's server uses), seeded so that a
-sweep is reproducible. Each trial is its own `train.py` process with its own
-workdir under the sweep directory and offline W&B files (`wandb sync` uploads
-them later). A failed or non-finite trial is recorded with its error and the
-sweep goes on. The state lives in SWEEP_DIR/sweep_state.json, written
+sweep is reproducible. Trials run in `--workers` long-lived processes (the study
+executor, experiment.study), and trials that differ only in packable options
+(seed, learning rate, weight decay, a task's numeric loss options) train as
+replicas of one compiled program; each is still a complete `train.py` run with
+its own workdir under the sweep directory (trial.log holds its output) and
+offline W&B files (`wandb sync` uploads them later). A failed or non-finite
+trial, or one whose worker died, is recorded with its error and the sweep goes
+on. The state lives in SWEEP_DIR/sweep_state.json, written
 atomically after every change: rerunning the same command resumes, rerunning
 interrupted trials from their checkpoints and never repeating a finished one.
 
@@ -37,9 +41,7 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ from experiment import run_options
 from experiment.config import build_config, suggest, to_text
 from experiment.errors import UsageError, command_exit_code
 from experiment.figures import pyplot
+from experiment.study import Result, Trial, run_trials
 from experiment.workdir import (
     FAILURE_FILE,
     SUMMARY_FILE,
@@ -58,7 +61,6 @@ from experiment.workdir import (
 )
 from experiment.writers import SWEEP_ENV, SWEPT_ENV, result_metrics
 
-REPO = Path(__file__).resolve().parent
 STATE_FILE = "sweep_state.json"
 METHODS = ("grid", "random", "bayes")
 
@@ -287,37 +289,24 @@ def sweep_identity(directory: Path, spec: dict, seed: int) -> str:
     return f"{directory.name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
-def launch(
+def make_trial(
     trial: dict, task: str, fixed: dict, directory: Path, wandb: str, identity: str
-) -> subprocess.Popen:
-    workdir = directory / trial["id"]
-    args = [f"--{k}={to_text(v)}" for k, v in {**fixed, **trial["params"]}.items()]
-    command = [sys.executable, str(REPO / "train.py"), f"--task={task}", *args,
-               f"--workdir={workdir}", f"--wandb={wandb}"]  # fmt: skip
-    workdir.mkdir(parents=True, exist_ok=True)
+) -> Trial:
+    """The executor's trial for a sweep trial: its options, workdir and W&B identity."""
+    options = {k: to_text(v) for k, v in {**fixed, **trial["params"]}.items()}
     # the swept options are HParams columns of every trial, also where a trial's value
     # equals the task default
-    env = dict(
-        os.environ,
-        **{SWEPT_ENV: ",".join(trial["params"]), SWEEP_ENV: identity, "WANDB_NAME": trial["id"]},
-    )
-    # the child gets its own copy of the descriptor; ours is closed at once
-    with open(workdir / "trial.log", "ab") as log:
-        return subprocess.Popen(
-            # the caller's directory: relative paths in the sweep's command (--data_dir)
-            # mean what they mean where the user typed the command
-            command,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=Path.cwd(),
-            start_new_session=True,
-        )
+    env = {SWEPT_ENV: ",".join(trial["params"]), SWEEP_ENV: identity, "WANDB_NAME": trial["id"]}
+    return Trial(trial["id"], task, options, directory / trial["id"], wandb, env)
 
 
-def outcome(trial: dict, code: int, directory: Path, metric: str) -> None:
-    """Record a finished process's status, metric and error in the trial."""
+def outcome(trial: dict, code: int, directory: Path, metric: str, cause: str | None = None) -> None:
+    """Record a finished trial's status, metric and error in the trial. `cause`: why,
+    when its worker process died under it."""
     workdir = directory / trial["id"]
+    if cause is not None:
+        trial.update(status="failed", error=f"exit {code}: {cause}")
+        return
     summary_file, failure_file = workdir / SUMMARY_FILE, workdir / FAILURE_FILE
     if code == 0 and summary_file.exists():
         try:
@@ -374,6 +363,7 @@ def run_sweep(
     seed: int,
     wandb: str,
     retry_failed: bool = False,
+    pack: bool = True,
 ) -> SweepState:
     task, _, fixed = validate(spec)
     metric = spec["metric"]["name"]
@@ -388,51 +378,51 @@ def run_sweep(
                 trial.update(status="running", error=None)
         state.save()
     resume = [t for t in state.trials if t["status"] == "running"]
-    running: dict[str, tuple[dict, subprocess.Popen]] = {}
-    exhausted = False
-    try:
-        while True:
-            while len(running) < workers:
-                if resume:
-                    trial = resume.pop(0)
-                    print(f"{trial['id']}: resuming {trial['params']}", flush=True)
-                elif not exhausted and (count is None or len(state.trials) < count):
-                    params = propose(state, spec)
-                    if params is None:
-                        exhausted = True
-                        continue
-                    trial = state.add(params)
-                    print(f"{trial['id']}: starting {params}", flush=True)
-                else:
+
+    def by_id(trial_id: str) -> dict:
+        return next(t for t in state.trials if t["id"] == trial_id)
+
+    def more(idle: int) -> list[Trial]:
+        """Interrupted trials first; then proposals: a whole grid or random search at
+        once (so packing can group it), one per idle worker for bayes (each proposal
+        sees the results so far)."""
+        chosen = []
+        if resume:
+            chosen = [resume.pop(0) for _ in range(len(resume))]
+            for trial in chosen:
+                print(f"{trial['id']}: resuming {trial['params']}", flush=True)
+        else:
+            wanted = idle if spec["method"] == "bayes" else math.inf
+            while len(chosen) < wanted and (count is None or len(state.trials) < count):
+                params = propose(state, spec)
+                if params is None:
                     break
-                running[trial["id"]] = (
-                    trial,
-                    launch(trial, task, fixed, directory, wandb, identity),
-                )
-            if not running:
-                break
-            finished = [key for key, (_, proc) in running.items() if proc.poll() is not None]
-            if not finished:
-                time.sleep(0.2)
-                continue
-            for key in finished:
-                trial, proc = running.pop(key)
-                outcome(trial, proc.returncode, directory, metric)
-                state.save()
-                done = sum(t["status"] != "running" for t in state.trials)
-                result = (
-                    f"{metric}={trial['metric']:.6g}"
-                    if trial["status"] == "finished"
-                    else trial["error"]
-                )
-                print(f"{trial['id']}: {trial['status']}: {result} ({done} done)", flush=True)
-    except BaseException:
-        for _, proc in running.values():  # interrupted trials stay "running" and resume later
-            proc.terminate()
-        for _, proc in running.values():
-            proc.wait()
+                chosen.append(state.add(params))
+        return [make_trial(t, task, fixed, directory, wandb, identity) for t in chosen]
+
+    def on_start(job: list[Trial]) -> None:
+        ids = ", ".join(t.id for t in job)
+        what = f"packed: {len(job)} trials in one program" if len(job) > 1 else "starting"
+        print(f"{ids}: {what} {'' if len(job) > 1 else by_id(job[0].id)['params']}".rstrip(),
+              flush=True)  # fmt: skip
+
+    def on_result(result: Result) -> None:
+        trial = by_id(result.trial.id)
+        outcome(trial, result.exit_code, directory, metric, result.cause)
+        if result.exit_code in (130, 143) and result.cause is None:
+            trial.update(status="running", error=None)  # interrupted: resumes next time
         state.save()
-        raise
+        done = sum(t["status"] != "running" for t in state.trials)
+        shown = (
+            f"{metric}={trial['metric']:.6g}" if trial["status"] == "finished" else trial["error"]
+        )
+        print(f"{trial['id']}: {trial['status']}: {shown} ({done} done)", flush=True)
+
+    try:
+        run_trials(more, workers=workers, pack=pack, on_start=on_start, on_result=on_result,
+                   worker_log=directory / "workers.log")  # fmt: skip
+    finally:
+        state.save()  # interrupted trials stay "running" and resume later
     return state
 
 
@@ -590,7 +580,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], exit_on_error=False)
     parser.add_argument("sweep_file", nargs="?", type=Path)
     parser.add_argument("--count", type=int, help="total trials (default: the whole grid)")
-    parser.add_argument("--workers", type=int, default=1, help="trials running at once")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="worker processes running trials at once"
+    )
+    parser.add_argument(
+        "--no_pack",
+        action="store_true",
+        help="train every trial alone (default: trials that differ only in seed, learning "
+        "rate, weight decay or a task's packable options train in one program)",
+    )
     parser.add_argument("--sweep_dir", type=Path, help="default: sweep_runs/<file name>")
     parser.add_argument("--seed", type=int, default=0, help="seed of the search algorithm")
     parser.add_argument("--wandb", default="offline", choices=["online", "offline", "disabled"])
@@ -638,7 +636,14 @@ def _main(argv: list[str]) -> int:
     # absolute from here on: trials and the report agree on where results are
     directory = resolve(args.sweep_dir or Path("sweep_runs") / args.sweep_file.stem)
     state = run_sweep(
-        spec, directory, args.count, args.workers, args.seed, args.wandb, args.retry_failed
+        spec,
+        directory,
+        args.count,
+        args.workers,
+        args.seed,
+        args.wandb,
+        args.retry_failed,
+        pack=not args.no_pack,
     )
     report(directory)
     if state.trials and not any(t["status"] == "finished" for t in state.trials):

@@ -108,29 +108,10 @@ def _main(argv: list[str]) -> int:
     given: dict[str, str | None] = {}
     try:
         interrupt.raise_if_received()  # a Ctrl-C during start-up (install_early)
-        raw = tokenize(argv)
-        given = dict(raw)
-        if "config" in raw:
-            raw = with_saved_config(raw.pop("config"), raw)
-        task_name = raw.pop("task", None)
-        if task_name is None:
-            if wants_help:
-                print(usage())
-                return 0
-            raise UsageError("--task is required; see `python train.py --help` for the tasks")
-        import tasks
-
-        with interrupt.deferred():  # imports jax & co.: not to be torn by a Ctrl-C
-            module = tasks.load(task_name)
+        given = dict(tokenize(argv))
         if wants_help:
-            print(task_usage(task_name, module.Config))
-            return 0
-        from experiment.run_options import NAMES, RunOptions
-
-        if "workdir" in raw and not (raw["workdir"] or "").strip():
-            raise UsageError("--workdir needs a directory")
-        run_opts = build_config(RunOptions, {k: raw.pop(k) for k in list(raw) if k in NAMES})
-        cfg = build_config(module.Config, raw, also_known=[*NAMES, "task"])
+            return print_help(given)
+        task_name, module, cfg, run_opts = parse_command(argv)
         with interrupt.deferred():  # W&B and TensorBoard start their helpers here
             run = start_run(task_name, cfg, run_opts)
         summary = module.run(cfg, run)
@@ -157,6 +138,42 @@ def _main(argv: list[str]) -> int:
     finally:
         if run is not None:
             _quietly(run.close)
+
+
+def print_help(given: dict[str, str | None]) -> int:
+    """--help: the tasks, or with --task (or --config) that task's options."""
+    raw = with_saved_config(given.pop("config"), given) if "config" in given else given
+    task_name = raw.get("task")
+    if task_name is None:
+        print(usage())
+        return 0
+    import tasks
+
+    with interrupt.deferred():
+        print(task_usage(task_name, tasks.load(task_name).Config))
+    return 0
+
+
+def parse_command(argv: list[str]):
+    """(task name, task module, task config, RunOptions) of a train.py command line;
+    UsageError for anything wrong with it. Also used by the study executor's workers."""
+    raw = tokenize(argv)
+    if "config" in raw:
+        raw = with_saved_config(raw.pop("config"), raw)
+    task_name = raw.pop("task", None)
+    if task_name is None:
+        raise UsageError("--task is required; see `python train.py --help` for the tasks")
+    import tasks
+
+    with interrupt.deferred():  # imports jax & co.: not to be torn by a Ctrl-C
+        module = tasks.load(task_name)
+    from experiment.run_options import NAMES, RunOptions
+
+    if "workdir" in raw and not (raw["workdir"] or "").strip():
+        raise UsageError("--workdir needs a directory")
+    run_opts = build_config(RunOptions, {k: raw.pop(k) for k in list(raw) if k in NAMES})
+    cfg = build_config(module.Config, raw, also_known=[*NAMES, "task"])
+    return task_name, module, cfg, run_opts
 
 
 def with_saved_config(path_text: str | None, given: dict[str, str | None]) -> dict:

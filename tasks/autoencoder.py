@@ -124,26 +124,53 @@ def make_model(cfg: Config, input_dim: int, rngs: nnx.Rngs) -> Autoencoder:
     )
 
 
-def corrupt(cfg: Config, model: Autoencoder, x, key, image_shape):
-    """(corrupted input, hidden mask or None) for the configured kind."""
+def corrupt(cfg: Config, model: Autoencoder, x, key, image_shape, hp=None):
+    """(corrupted input, hidden mask or None) for the configured kind.
+
+    hp: noise_std and mask_ratio (cfg's by default; per-replica arrays when packed)."""
+    hp = hp or hparams(cfg)
     if cfg.kind == "denoising":
         clip = (0.0, 1.0) if cfg.clip_noisy else None
-        return add_noise(key, x, cfg.noise_std, clip), None
+        return add_noise(key, x, hp["noise_std"], clip), None
     if cfg.kind == "masked":
         hidden = random_mask(
-            key, x.shape[0], x.shape[1], cfg.mask_ratio, cfg.patch_size, image_shape
+            key, x.shape[0], x.shape[1], hp["mask_ratio"], cfg.patch_size, image_shape
         )
         token = None if model.mask_token is None else model.mask_token[...]
-        return apply_mask(x, hidden, cfg.mask_fill, cfg.mask_ratio, token), hidden
+        return apply_mask(x, hidden, cfg.mask_fill, hp["mask_ratio"], token), hidden
     return x, None
+
+
+# Options that enter the loss as values (Problem.hparams): trials differing only in
+# them (and in seed, learning rate, weight decay) train packed in one program.
+PACKABLE = ("noise_std", "mask_ratio")
+
+
+def hparams(cfg: Config) -> dict[str, float]:
+    return {"noise_std": cfg.noise_std, "mask_ratio": cfg.mask_ratio}
+
+
+def ignored_options(cfg: Config) -> set[str]:
+    """Options this configuration does not use: trials differing only in them run the
+    same program."""
+    unused = {"vanilla": {"clip_noisy", "mask_fill", "masked_loss_only", "patch_size"},
+              "denoising": {"mask_fill", "masked_loss_only", "patch_size"},
+              "masked": {"clip_noisy"}}  # fmt: skip
+    return unused[cfg.kind]
+
+
+def training_problem(cfg: Config) -> tuple[Config, Problem]:
+    """The training config and problem of the run's one `fit` (for training.packing)."""
+    data = load_data(cfg)
+    return training_config(cfg, len(data.x_train)), make_problem(cfg, data)
 
 
 def make_problem(cfg: Config, data: Data) -> Problem:
     dim = data.x_train.shape[1]
 
-    def loss_fn(model, batch, key):
+    def loss_fn(model, batch, key, hp):
         x = batch["x"]
-        x_in, hidden = corrupt(cfg, model, x, key, data.image_shape)
+        x_in, hidden = corrupt(cfg, model, x, key, data.image_shape, hp)
         errors = jnp.square(model(x_in) - x)
         if hidden is not None and cfg.masked_loss_only:
             loss = jnp.sum(errors * hidden) / jnp.maximum(jnp.sum(hidden), 1)
@@ -151,7 +178,8 @@ def make_problem(cfg: Config, data: Data) -> Problem:
             loss = errors.mean()
         return loss, {}
 
-    def eval_fn(model, d):
+    def eval_fn(model, d, hp):
+        del hp  # the clean reconstruction does not depend on the corruption
         return {"recon_mse": jnp.mean(jnp.square(model(d["x"]) - d["x"]))}
 
     return Problem(
@@ -160,6 +188,7 @@ def make_problem(cfg: Config, data: Data) -> Problem:
         train_data={"x": data.x_train},
         eval_data={"x": data.x_test},
         eval_fn=eval_fn,
+        hparams=hparams(cfg),
     )
 
 

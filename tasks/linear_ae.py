@@ -226,7 +226,13 @@ def _replica0(record: dict) -> dict:
     return {k: v[0] if isinstance(v, list) else v for k, v in record.items()}
 
 
-def run(cfg: Config, run: Run) -> dict:
+# No task option enters the loss as a value; trials differing in seed, learning rate
+# or weight decay (lambda) train packed in one program (training.packing).
+PACKABLE: tuple[str, ...] = ()
+
+
+def load_centred(cfg: Config) -> tuple[np.ndarray, Spectrum]:
+    """(centred training data, its spectrum)."""
     data = datasets.load(
         cfg.dataset,
         mnist_dir=cfg.mnist_dir,
@@ -235,7 +241,18 @@ def run(cfg: Config, run: Run) -> dict:
         data_seed=cfg.data_seed,
     )
     spec = spectrum(data.x_train)
-    x_centred = data.x_train - spec.mean
+    return data.x_train - spec.mean, spec
+
+
+def training_problem(cfg: Config) -> tuple[Config, Problem]:
+    """The training config and problem of the run's first `fit`, the model at
+    --weight_decay (for training.packing; the --lambda_grid models train in the run)."""
+    x_centred, spec = load_centred(cfg)
+    return cfg, make_problem(cfg, x_centred, spec)
+
+
+def run(cfg: Config, run: Run) -> dict:
+    x_centred, spec = load_centred(cfg)
     summary, history = train_one(cfg, run, x_centred, spec, None)
     print(
         f"subspace distance {summary['subspace_distance']:.2e} "

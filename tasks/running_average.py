@@ -67,22 +67,42 @@ def squared_errors(model, batch) -> jax.Array:
     return jnp.square(model(batch["x"]) - batch["y"])[..., 0]
 
 
-def objective(errors_BxT: jax.Array, last_step_only: bool) -> jax.Array:
-    return errors_BxT[:, -1].mean() if last_step_only else errors_BxT.mean()
+def objective(errors_BxT: jax.Array, last_step_only) -> jax.Array:
+    """The training loss. last_step_only: a bool, or a 0/1 weight array when trials with
+    both losses are packed into one program (both terms are computed, one is kept)."""
+    if isinstance(last_step_only, bool):
+        return errors_BxT[:, -1].mean() if last_step_only else errors_BxT.mean()
+    return jnp.where(last_step_only > 0.5, errors_BxT[:, -1].mean(), errors_BxT.mean())
+
+
+# Options that enter the loss as values (Problem.hparams): trials differing only in
+# them (and in seed, learning rate, weight decay) train packed in one program.
+PACKABLE = ("last_step_only",)
+
+
+def ignored_options(cfg: Config) -> set[str]:
+    """Options this configuration does not use (the activation of an LSTM or GRU):
+    trials differing only in them run the same program."""
+    return set() if cfg.cell == "rnn" else {"activation"}
+
+
+def training_problem(cfg: Config) -> tuple[Config, Problem]:
+    """The training config and problem of the run's one `fit` (for training.packing)."""
+    return cfg, make_problem(cfg)
 
 
 def make_problem(cfg: Config) -> Problem:
     train = make_running_average(cfg.num_train, cfg.seq_len, seed=cfg.data_seed)
     held_out = make_running_average(cfg.num_eval, cfg.seq_len, seed=cfg.data_seed + 1)
 
-    def loss_fn(model, batch, key):
+    def loss_fn(model, batch, key, hp):
         del key
-        return objective(squared_errors(model, batch), cfg.last_step_only), {}
+        return objective(squared_errors(model, batch), hp["last_step_only"]), {}
 
-    def eval_fn(model, data):
+    def eval_fn(model, data, hp):
         errors = squared_errors(model, data)
         return {
-            "loss": objective(errors, cfg.last_step_only),
+            "loss": objective(errors, hp["last_step_only"]),
             "mse_all_steps": errors.mean(),
             "mse_last_step": errors[:, -1].mean(),
         }
@@ -93,6 +113,7 @@ def make_problem(cfg: Config) -> Problem:
         train_data=train,
         eval_data=held_out,
         eval_fn=eval_fn,
+        hparams={"last_step_only": cfg.last_step_only},
         divergence_hint=(
             "An unbounded activation can explode: --activation=tanh keeps states bounded."
             if cfg.cell == "rnn" and cfg.activation != "tanh"

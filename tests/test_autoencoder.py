@@ -64,7 +64,7 @@ def test_corrupted_inputs_but_clean_targets(kind):
     problem = autoencoder.make_problem(cfg, data)
     model = problem.make_model(nnx.Rngs(0))
     x, key = jnp.asarray(data.x_train), jax.random.key(3)
-    loss, _ = problem.loss_fn(model, {"x": x}, key)
+    loss, _ = problem.loss_fn(model, {"x": x}, key, problem.hparams)
     corrupted, _ = autoencoder.corrupt(cfg, model, x, key, None)
     assert not np.allclose(corrupted, x)
     np.testing.assert_allclose(loss, jnp.mean((model(corrupted) - x) ** 2), rtol=1e-6)

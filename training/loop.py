@@ -71,6 +71,11 @@ class Problem:
     select_mode: Literal["max", "min"] = "max"
     patience: int = 0  # evaluations without improvement before stopping early (0: never)
     divergence_hint: str = ""
+    # The task's numeric options that enter the loss (and eval) as values, not shapes:
+    # when given, loss_fn(model, batch, key, hp) and eval_fn(model, data, hp) get them
+    # as `hp` (these Python values in a plain run; per-replica arrays when trials are
+    # packed into one program, training.packing).
+    hparams: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class TrainState(NamedTuple):
@@ -138,16 +143,22 @@ def _init_params(make_model, seed):
 
 def init_train_state(problem: Problem, tx, cfg: TrainConfig) -> tuple[Any, TrainState]:
     """(graphdef, initial state); with num_seeds > 1 every leaf gets a leading replica axis."""
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: problem.make_model(nnx.Rngs(cfg.seed))))
-    seeds = jnp.arange(cfg.seed, cfg.seed + cfg.num_seeds)
+    seeds = np.arange(cfg.seed, cfg.seed + cfg.num_seeds)
+    return init_replicas(problem, tx, seeds, replicated=cfg.num_seeds > 1)
+
+
+def init_replicas(problem: Problem, tx, seeds, replicated: bool) -> tuple[Any, TrainState]:
+    """(graphdef, initial state) of one replica per seed in `seeds` (a leading replica
+    axis on every leaf when `replicated`, else the one seed's state)."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: problem.make_model(nnx.Rngs(0))))
     init = functools.partial(_init_params, problem.make_model)
 
     def one(seed):
         params = init(seed)
         return TrainState(jnp.int32(0), params, tx.init(params), _base_key(seed), jnp.int32(-1))
 
-    init_all = jax.jit(one if cfg.num_seeds == 1 else jax.vmap(one))
-    seed_arg = seeds[0] if cfg.num_seeds == 1 else seeds
+    init_all = jax.jit(jax.vmap(one) if replicated else one)
+    seed_arg = jnp.asarray(seeds, jnp.int32) if replicated else jnp.int32(seeds[0])
     lowered = init_all.lower(seed_arg)
     # Shapes are known now and nothing is allocated yet: refuse a size that cannot fit.
     memory.require(
@@ -166,29 +177,43 @@ def _cast_floats(tree, dtype):
     return jax.tree.map(cast, tree)
 
 
-def make_train_step(graphdef, problem: Problem, tx, *, compute_dtype=None, shard_batch=None):
+def task_args(problem: Problem, hp: dict | None = None) -> tuple:
+    """The extra arguments of the problem's loss_fn / eval_fn: (hp,) when it has hparams
+    (`hp`, per-replica values, else its own), else none."""
+    if not problem.hparams:
+        return ()
+    return (problem.hparams if hp is None else {k: hp[k] for k in problem.hparams},)
+
+
+def make_train_step(
+    graphdef, problem: Problem, tx, *, compute_dtype=None, shard_batch=None, optimizer_for=None
+):
     """One optimizer step with the NaN guard; pure, for use inside scan/vmap/jit.
 
     compute_dtype (e.g. bfloat16): parameters and batch are cast for the forward and
     backward passes; the master parameters, optimizer state and loss stay float32.
     shard_batch: a sharding constraint for the batch (data parallelism).
+    optimizer_for: hp -> optimizer, for packed trials whose optimizer scalars are
+    per-replica values; the step is then train_step(state, data, idx, hp).
     """
 
-    def train_step(state: TrainState, data, idx_B):
+    def train_step(state: TrainState, data, idx_B, hp=None):
         batch = problem.batch_fn(data, idx_B)
         if shard_batch is not None:
             batch = shard_batch(batch)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+        extra = task_args(problem, hp)
 
         def objective(params):
             if compute_dtype is None:
-                return problem.loss_fn(nnx.merge(graphdef, params), batch, key)
+                return problem.loss_fn(nnx.merge(graphdef, params), batch, key, *extra)
             model = nnx.merge(graphdef, _cast_floats(params, compute_dtype))
-            loss, aux = problem.loss_fn(model, _cast_floats(batch, compute_dtype), key)
+            loss, aux = problem.loss_fn(model, _cast_floats(batch, compute_dtype), key, *extra)
             return loss.astype(jnp.float32), aux
 
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        step_tx = tx if optimizer_for is None else optimizer_for(hp)
+        updates, opt_state = step_tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
         # The guard covers what the step writes, not only what it read: an update can
@@ -239,13 +264,14 @@ def make_chunk(train_step, replicated: bool):
     return jax.jit(chunk, donate_argnums=(0,))
 
 
-def make_evaluator(graphdef, eval_fn, replicated: bool):
+def make_evaluator(graphdef, problem: Problem, replicated: bool):
     """Jitted eval_fn(params, data), vmapped over replicas when there are several."""
-    if eval_fn is None:
+    if problem.eval_fn is None:
         return None
+    eval_fn = problem.eval_fn
 
     def evaluate(params, data):
-        return eval_fn(nnx.merge(graphdef, params), data)
+        return eval_fn(nnx.merge(graphdef, params), data, *task_args(problem))
 
     if replicated:
         evaluate = jax.vmap(evaluate, in_axes=(0, None))
@@ -351,7 +377,7 @@ def fit(
         graphdef, problem, tx, compute_dtype=compute_dtype, shard_batch=shard_batch
     )
     chunk = make_chunk(train_step, replicated)
-    evaluate = make_evaluator(graphdef, problem.eval_fn, replicated)
+    evaluate = make_evaluator(graphdef, problem, replicated)
     selector = _Selector(problem, state.params, cfg.num_seeds) if problem.select_metric else None
     if selector is not None and evaluate is None:
         raise ValueError("select_metric needs an eval_fn")

@@ -1,0 +1,233 @@
+"""The study executor: many trials in a few long-lived worker processes, packed where
+they can share one compiled program. Used by sweep.py and report.py.
+
+* `--workers W` processes (experiment.worker) run trials one job at a time; imports,
+  the JAX runtime and compiled programs are reused from trial to trial.
+* Packing: pending trials with the same `training.packing.group_key` (configs that
+  differ only in seed, learning rate, weight decay or a task's PACKABLE options) go
+  to one worker as one job and train as replicas of one program.
+* Every trial is still a complete run of its own (train.py's workdir, summary,
+  figures, TensorBoard and W&B runs, checkpoints), with its output in
+  WORKDIR/trial.log.
+* A worker that dies (segfault, out of memory, kill) costs the trials of its job
+  still running: each is reported with exit code 128 + signal and the cause, and
+  the study goes on with a new worker.
+* Ctrl-C: the workers get SIGTERM; a running trial records the interruption and
+  keeps its checkpoints, so rerunning the study resumes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import queue
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from experiment.config import build_config, tokenize
+from experiment.errors import UsageError
+
+REPO = Path(__file__).resolve().parent.parent
+TRIAL_LOG = "trial.log"
+# How long a worker may take to record an interruption before it is killed.
+STOP_SECONDS = 30.0
+
+
+@dataclasses.dataclass
+class Trial:
+    """One run of a study: `python train.py --task=TASK --KEY=VALUE ... --workdir=...`."""
+
+    id: str
+    task: str
+    options: dict[str, str]  # option -> its command-line text
+    workdir: Path
+    wandb: str = "disabled"
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def argv(self) -> list[str]:
+        options = [f"--{k}={v}" for k, v in self.options.items()]
+        return [f"--task={self.task}", *options, f"--workdir={self.workdir}",
+                f"--wandb={self.wandb}"]  # fmt: skip
+
+    def command(self) -> str:
+        """The same run as one command."""
+        return shlex.join(["python", "train.py", *self.argv()])
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / TRIAL_LOG
+
+
+@dataclasses.dataclass
+class Result:
+    trial: Trial
+    exit_code: int
+    cause: str | None = None  # why, when the trial's worker died under it
+
+
+def group_key(trial: Trial) -> str | None:
+    """Trials with equal keys can train packed; None: alone (or a config the trial's
+    own run will refuse with its error)."""
+    import tasks
+    from training.packing import group_key as key_of
+
+    try:
+        module = tasks.load(trial.task)
+        options = tokenize([f"--{k}={v}" for k, v in trial.options.items()])
+        cfg = build_config(module.Config, options)
+    except UsageError:
+        return None
+    return key_of(trial.task, module, cfg)
+
+
+def take_job(pending: list[Trial], pack: bool) -> list[Trial]:
+    """The next job: the first pending trial and, when packing, every pending trial of its
+    group (up to training.packing.MAX_REPLICAS replicas)."""
+    from training.packing import MAX_REPLICAS
+
+    first = pending.pop(0)
+    key = group_key(first) if pack else None
+    if key is None:
+        return [first]
+    seeds = int(first.options.get("num_seeds", 1))
+    job = [first]
+    for trial in list(pending):
+        if (len(job) + 1) * seeds > MAX_REPLICAS:
+            break
+        if group_key(trial) == key:
+            job.append(trial)
+            pending.remove(trial)
+    return job
+
+
+class Worker:
+    """One experiment.worker process and the job it is running."""
+
+    def __init__(self, index: int, events: queue.Queue, cwd: Path, log: Path):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as err:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "experiment.worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                cwd=cwd,  # the caller's directory: relative paths mean what they meant
+                env=env,
+                text=True,
+                start_new_session=True,  # a terminal's Ctrl-C reaches the study, not us
+            )
+        self.index = index
+        self.running: dict[str, Trial] = {}
+        self._reader = threading.Thread(target=self._read, args=(events,), daemon=True)
+        self._reader.start()
+
+    def _read(self, events: queue.Queue) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                message = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            events.put((self, message))
+        events.put((self, None))  # end of output: the process is gone
+
+    def send(self, job: list[Trial]) -> None:
+        assert self.proc.stdin is not None
+        for trial in job:
+            trial.workdir.mkdir(parents=True, exist_ok=True)
+            self.running[trial.id] = trial
+        payload = [dict(id=t.id, argv=t.argv(), env=t.env, log=str(t.log)) for t in job]
+        self.proc.stdin.write(json.dumps(payload) + "\n")
+        self.proc.stdin.flush()
+
+    def death_cause(self) -> tuple[int, str]:
+        code = self.proc.wait()
+        if code < 0:
+            name = signal.Signals(-code).name
+            return 128 - code, f"its worker process died ({name})"
+        return code or 1, f"its worker process exited with code {code}"
+
+    def stop(self) -> None:
+        """SIGTERM: a running trial records the interruption and keeps its checkpoints."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        self.stop()
+        self._reader.join(timeout=5)  # it ends at the pipe's end of file
+        if self.proc.stdout is not None and not self._reader.is_alive():
+            self.proc.stdout.close()
+
+
+def run_trials(
+    more: Callable[[int], list[Trial]],
+    *,
+    workers: int,
+    pack: bool,
+    on_start: Callable[[list[Trial]], None],
+    on_result: Callable[[Result], None],
+    worker_log: Path,
+) -> None:
+    """Run trials until `more` has none left: `more(idle)` is asked for trials whenever
+    a worker is idle and none are pending (it may return more than `idle`, e.g. a
+    whole grid, which packing can then group). `on_start(job)` and `on_result(result)`
+    are called in this process as jobs start and trials end."""
+    events: queue.Queue = queue.Queue()
+    pool: list[Worker | None] = [None] * workers
+    pending: list[Trial] = []
+    exhausted = False
+    cwd = Path.cwd()
+    try:
+        while True:
+            idle = [i for i, w in enumerate(pool) if w is None or not w.running]
+            for i in idle:
+                if not pending and not exhausted:
+                    pending += more(len(idle))
+                    exhausted = not pending
+                if not pending:
+                    break
+                job = take_job(pending, pack)
+                worker = pool[i]
+                if worker is None:
+                    worker = pool[i] = Worker(i, events, cwd, worker_log)
+                on_start(job)
+                worker.send(job)
+            if not any(w is not None and w.running for w in pool):
+                if pending or not exhausted:
+                    continue
+                break
+            worker, message = events.get()
+            if message is None:  # the worker is gone: its unfinished trials failed
+                code, cause = worker.death_cause()
+                for trial in list(worker.running.values()):
+                    on_result(Result(trial, code, cause))
+                worker.running.clear()
+                worker.close()
+                pool[worker.index] = None
+                continue
+            trial = worker.running.pop(message["id"], None)
+            if trial is not None:
+                on_result(Result(trial, int(message["exit_code"])))
+    finally:
+        # on Ctrl-C or an error here: interrupted trials keep their checkpoints
+        for w in pool:
+            if w is not None:
+                w.close()

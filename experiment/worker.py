@@ -1,0 +1,151 @@
+"""A long-lived process that runs a study's trials (started by experiment.study).
+
+    python -m experiment.worker        # jobs on stdin, results on stdout, one JSON per line
+
+A job is a list of trials: {"id", "argv" (train.py's options), "env", "log"}. Each
+trial is `train.main(argv)` in this process, so imports, the JAX runtime and
+compiled programs are paid once per worker, not once per trial. A job of several
+trials was grouped by the executor as packable: they first train together in one
+program (training.packing.fit_packed), then each trial's own run resumes from its
+final checkpoint and writes its summary and figures. For every trial one line
+{"id", "exit_code"} goes back on stdout.
+
+While a trial runs, file descriptors 1 and 2 point at its log file (its workdir's
+trial.log), so its output is what `python train.py ... > trial.log 2>&1` would
+show. A trial interrupted by SIGTERM or SIGINT ends the worker (after reporting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+
+from experiment import interrupt
+
+# Exit codes after which the worker stops instead of taking the next trial.
+STOP_CODES = frozenset({130, 143})
+
+
+@contextlib.contextmanager
+def output_to(path: str) -> Iterator[None]:
+    """Point fds 1 and 2 (and Python's streams) at `path`, appending, for the block."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` set for the block (a trial's sweep identity, W&B name)."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def train_packed(trials: list[dict]) -> None:
+    """Train the job's trials together (training.packing); on any reason they cannot
+    pack, say so and leave them to their own runs (which report real errors)."""
+    import train
+    from experiment.errors import RunFailed, UsageError
+    from training.packing import Member, PackingUnavailable, fit_packed
+
+    members: list[Member] = []
+    ids = ", ".join(t["id"] for t in trials)
+    try:
+        for trial in trials:
+            with environment(trial["env"]):
+                task, module, cfg, opts = train.parse_command(trial["argv"])
+                with interrupt.deferred():
+                    run = train.start_run(task, cfg, opts)
+            try:
+                train_cfg, problem = module.training_problem(cfg)
+            except BaseException:
+                run.close()
+                raise
+            members.append(Member(train_cfg, problem, run))
+        print(f"training {len(trials)} trials packed in one program: {ids}", flush=True)
+        fit_packed(members, desc=f"packed x{len(trials)}")
+    except (PackingUnavailable, UsageError, RunFailed) as err:
+        print(f"note: not packed ({err}); each trial runs alone", flush=True)
+    finally:
+        for member in members:
+            with contextlib.suppress(Exception):
+                member.run.close()
+
+
+def run_job(trials: list[dict], results) -> bool:
+    """Run one job; False when the worker must stop (an interrupt)."""
+    import train
+
+    if len(trials) > 1:
+        try:
+            with interrupt.trap(), output_to(trials[0]["log"]):
+                train_packed(trials)
+        except KeyboardInterrupt:
+            code = interrupt.exit_code()
+            for trial in trials:
+                report(results, trial["id"], code)
+            return False
+        for trial in trials[1:]:
+            with open(trial["log"], "a", encoding="utf-8") as log:
+                log.write(f"trained packed with {trials[0]['id']} (see its trial.log)\n")
+    for trial in trials:
+        with environment(trial["env"]), output_to(trial["log"]):
+            try:
+                code = train.main(trial["argv"])
+            except Exception:  # a bug: its traceback goes to the trial's log
+                traceback.print_exc()
+                code = 1
+        report(results, trial["id"], code)
+        if code in STOP_CODES:
+            for rest in trials[trials.index(trial) + 1 :]:
+                report(results, rest["id"], code)
+            return False
+    return True
+
+
+def report(results, trial_id: str, code: int) -> None:
+    results.write(json.dumps({"id": trial_id, "exit_code": code}) + "\n")
+    results.flush()
+
+
+def main() -> int:
+    from experiment import faults
+
+    faults.silence_library_noise()
+    # results go to the original stdout; everything else the trials print goes to logs
+    results = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        if not run_job(json.loads(line), results):
+            return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

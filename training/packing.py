@@ -1,0 +1,317 @@
+"""Trials packed into one compiled program: a generalisation of `num_seeds` from seeds
+to (trial x seed).
+
+Trials whose configs differ only in options that change neither array shapes nor
+the program's structure train as replicas of one `jax.vmap`-ed, jitted step. What
+differs between them enters the step as per-replica arrays:
+
+* the seed (initial parameters, per-step keys and the batch order, as in `num_seeds`);
+* the optimizer's scalars: `learning_rate` and `weight_decay` (the optax chain is built
+  inside the vmapped step from the replica's values, training.optim.make_optimizer);
+* the task's numeric options that enter the loss (`Problem.hparams`, listed by the
+  task module as PACKABLE), e.g. the denoising noise level or the last-step-only
+  loss as a 0/1 weight.
+
+Every trial keeps its own workdir: `fit_packed` writes each trial's checkpoints
+(parameters, optimizer state, evaluation history and timings) exactly where and as
+its own `fit` would, and logs its series to its own TensorBoard / W&B run. The
+trial's ordinary run (train.main) then resumes from its final checkpoint, trains
+nothing, and writes the summary and figures; so `linear_probe`, `predict` and a
+resume read a packed trial like any other.
+
+NaN guard per trial: a trial whose replica goes non-finite stops being logged and
+checkpointed (its last finite checkpoint stays) while its neighbours train on; its
+own run then resumes from that checkpoint, diverges again, and fails as it would
+alone.
+
+A task takes part by defining `training_problem(cfg) -> (train_cfg, Problem)` (the
+one `fit` of its run that packing replaces), `PACKABLE` and optionally
+`ignored_options(cfg)` (options the configuration does not use).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiment import interrupt
+from experiment.config import to_dict
+from experiment.run import Run
+from experiment.workdir import checkpoints_dir
+from training import memory
+from training.checkpoints import Checkpoints
+from training.config import TrainConfig
+from training.loop import (
+    Problem,
+    TrainState,
+    _host_metrics,
+    _scalar_view,
+    _Segment,
+    _Spent,
+    _train_state_dict,
+    default_steps_per_call,
+    init_replicas,
+    make_train_step,
+    task_args,
+)
+from training.optim import make_optimizer
+from training.progress import Progress
+from training.sampling import EpochSampler
+
+# Options of every training task that pack (enter the step as per-replica values).
+GENERIC_PACKABLE = ("seed", "learning_rate", "weight_decay")
+# Most replicas in one program (trials x seeds); a larger group is split.
+MAX_REPLICAS = 32
+
+
+class PackingUnavailable(Exception):
+    """These trials cannot train packed (e.g. different data or progress); run them alone."""
+
+
+def packable_options(module: ModuleType) -> tuple[str, ...]:
+    """The options of a task whose values pack, () for a task that cannot pack."""
+    if not hasattr(module, "training_problem"):
+        return ()
+    return (*GENERIC_PACKABLE, *module.PACKABLE)
+
+
+def group_key(task: str, module: ModuleType, cfg) -> str | None:
+    """Trials with equal keys train packed; None for a task that does not pack.
+
+    The key is the config less the packable options and the options this
+    configuration ignores, plus whether weight decay is on (the optimizer chain's
+    structure, hence the checkpoint's, depends on it)."""
+    packable = packable_options(module)
+    if not packable:
+        return None
+    ignored = module.ignored_options(cfg) if hasattr(module, "ignored_options") else set()
+    key = {k: v for k, v in to_dict(cfg).items() if k not in packable and k not in ignored}
+    key["weight_decay_on"] = cfg.weight_decay > 0
+    return json.dumps([task, key], sort_keys=True, default=str)
+
+
+@dataclasses.dataclass
+class Member:
+    """One trial of a packed group: its training config, problem and open run."""
+
+    cfg: TrainConfig
+    problem: Problem
+    run: Run
+    diverged_at: int | None = None  # first non-finite step, once seen
+
+
+def _same_arrays(a: Any, b: Any) -> bool:
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    return tree_a == tree_b and all(
+        np.shape(x) == np.shape(y) and np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(leaves_a, leaves_b, strict=True)
+    )
+
+
+def _check_compatible(members: list[Member]) -> None:
+    lead = members[0]
+    for m in members[1:]:
+        if m.cfg.num_seeds != lead.cfg.num_seeds or m.cfg.steps != lead.cfg.steps:
+            raise PackingUnavailable("different num_seeds or steps")
+        if not (
+            _same_arrays(m.problem.train_data, lead.problem.train_data)
+            and _same_arrays(m.problem.eval_data, lead.problem.eval_data)
+        ):
+            raise PackingUnavailable("the trials' data differ")
+    if lead.problem.select_metric is not None:
+        raise PackingUnavailable("a problem that selects its best parameters does not pack")
+
+
+def _replica_values(members: list[Member], seeds_per: int) -> dict[str, np.ndarray]:
+    """Per-replica hyperparameters, float32 (R,): each trial's values, once per seed."""
+    names = ["learning_rate", "weight_decay", *members[0].problem.hparams]
+
+    def value(m: Member, name: str) -> float:
+        if name in ("learning_rate", "weight_decay"):
+            return float(getattr(m.cfg, name))
+        return float(m.problem.hparams[name])
+
+    return {n: np.repeat([value(m, n) for m in members], seeds_per).astype(np.float32)
+            for n in names}  # fmt: skip
+
+
+def _member_slice(tree: Any, index: int, seeds_per: int) -> Any:
+    """Member `index`'s part of a replicated tree, shaped as its own run's (no replica
+    axis with one seed)."""
+    if seeds_per == 1:
+        return jax.tree.map(lambda a: a[index], tree)
+    return jax.tree.map(lambda a: a[index * seeds_per : (index + 1) * seeds_per], tree)
+
+
+def fit_packed(members: list[Member], desc: str = "packed") -> None:
+    """Train `members` as replicas of one program, writing each one's checkpoints and
+    logs as its own `fit` would (see the module docstring). Resumes when every member
+    has checkpoints at the same step; raises PackingUnavailable when they cannot pack."""
+    _check_compatible(members)
+    lead = members[0]
+    cfg, problem = lead.cfg, lead.problem
+    seeds_per = cfg.num_seeds
+    seeds = np.concatenate([np.arange(m.cfg.seed, m.cfg.seed + seeds_per) for m in members])
+    hp = {k: jnp.asarray(v) for k, v in _replica_values(members, seeds_per).items()}
+    tx = make_optimizer(cfg)  # the structure; each replica's values enter in the step
+    graphdef, state = init_replicas(problem, tx, seeds, replicated=True)
+    stores = [Checkpoints(checkpoints_dir(m.run.workdir), keep=m.cfg.keep_checkpoints)
+              for m in members]  # fmt: skip
+    try:
+        _train(members, stores, graphdef, state, tx, hp, seeds, desc)
+    finally:
+        for store in stores:
+            store.wait()
+            store.close()
+
+
+def _resume(members, stores, state: TrainState, seeds_per: int):
+    """(state, what each member spent) from the members' checkpoints, all at one step."""
+    latest = [store.latest_step() for store in stores]
+    if all(step is None for step in latest):
+        return state, [_Spent() for _ in members]
+    if len(set(latest)) != 1:
+        raise PackingUnavailable(f"the trials' checkpoints are at different steps ({latest})")
+    parts, spent = [], []
+    for i, store in enumerate(stores):
+        template = _member_slice(state, i, seeds_per)
+        try:
+            params, saved, progress = store.restore(
+                latest[0], template.params, _train_state_dict(template, None)
+            )
+        except Exception as err:  # damaged: the trial's own run moves it aside
+            raise PackingUnavailable(f"a checkpoint is unreadable ({type(err).__name__})") from None
+        parts.append(TrainState(saved["step"], params, saved["opt_state"], saved["key"],
+                                saved["bad_step"]))  # fmt: skip
+        spent.append(_Spent.from_saved(progress))
+    stack = (lambda *xs: jnp.stack(xs)) if seeds_per == 1 else (lambda *xs: jnp.concatenate(xs))
+    print(f"resuming {len(members)} packed trials from step {latest[0]}", flush=True)
+    return jax.tree.map(stack, *parts), spent
+
+
+def _train(members, stores, graphdef, state, tx, hp, seeds, desc) -> None:
+    lead = members[0]
+    cfg, problem = lead.cfg, lead.problem
+    seeds_per = cfg.num_seeds
+    state, spent = _resume(members, stores, state, seeds_per)
+    train_data, eval_data = problem.train_data, problem.eval_data
+    num_examples = jax.tree.leaves(train_data)[0].shape[0]
+    samplers = [EpochSampler(num_examples, cfg.batch_size, int(s)) for s in seeds]
+    compute_dtype = None if cfg.dtype == "float32" else jnp.dtype(cfg.dtype)
+
+    def optimizer_for(values):
+        return make_optimizer(cfg, values["learning_rate"], values["weight_decay"])
+
+    train_step = make_train_step(
+        graphdef, problem, tx, compute_dtype=compute_dtype, optimizer_for=optimizer_for
+    )
+
+    def chunk_fn(s, data, idx_KxB, values):
+        return jax.lax.scan(lambda c, idx: train_step(c, data, idx, values), s, idx_KxB)
+
+    chunk = jax.jit(jax.vmap(chunk_fn, in_axes=(0, None, 0, 0)), donate_argnums=(0,))
+    evaluate = None
+    if problem.eval_fn is not None:
+        eval_fn = problem.eval_fn
+
+        def one_eval(params, data, values):
+            return eval_fn(nnx.merge(graphdef, params), data, *task_args(problem, values))
+
+        evaluate = jax.jit(jax.vmap(one_eval, in_axes=(0, None, 0)))
+
+    step = int(jax.device_get(state.step).max())
+    steps_per_call = cfg.steps_per_call or default_steps_per_call()
+    histories = [s.history for s in spent]
+    segments = [_Segment(s) for s in spent]
+    last_saved = [store.latest_step() for store in stores]
+    compiled: dict[int, Any] = {}
+    pending: list[dict] = []
+    progress = Progress(cfg.steps, start=step, desc=desc)
+
+    def alive() -> list[int]:
+        return [i for i, m in enumerate(members) if m.diverged_at is None]
+
+    def guard() -> None:
+        """Stop following members whose replicas went non-finite (per trial)."""
+        bad = np.asarray(jax.device_get(state.bad_step)).reshape(len(members), seeds_per)
+        for i in alive():
+            if (bad[i] >= 0).any():
+                members[i].diverged_at = int(bad[i][bad[i] >= 0].min())
+                print(
+                    f"note: {members[i].run.workdir.name} went non-finite at step "
+                    f"{members[i].diverged_at}; stopped it (last checkpoint: step "
+                    f"{last_saved[i]}); the other packed trials go on",
+                    flush=True,
+                )
+
+    def metrics_of(values: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+        return {k: _member_slice(v, i, seeds_per) for k, v in values.items()}
+
+    def save(at_step: int) -> None:
+        for i in alive():
+            if last_saved[i] == at_step:
+                continue
+            m = members[i]
+            totals = segments[i].totals(histories[i], len(compiled))
+            saved_config = {"task": m.run.task, "config": m.run.config_dict}
+            stores[i].save(
+                at_step,
+                _member_slice(state.params, i, seeds_per),
+                _train_state_dict(_member_slice(state, i, seeds_per), None),
+                saved_config,
+                totals,
+            )
+            last_saved[i] = at_step
+
+    def crossed(before: int, after: int, every: int) -> bool:
+        return after // every > before // every
+
+    try:
+        while step < cfg.steps and alive():
+            k = min(steps_per_call, cfg.steps - step)
+            idx = np.stack([s.indices(step, k) for s in samplers])
+            if k not in compiled:
+                t0 = time.perf_counter()
+                compiled[k] = chunk.lower(state, train_data, idx, hp).compile()
+                for seg in segments:
+                    seg.compile_seconds += time.perf_counter() - t0
+                footprint = memory.compiled_bytes(compiled[k])
+                if footprint is not None:
+                    memory.require(footprint, f"a packed train step ({len(seeds)} replicas)")
+            state, metrics = compiled[k](state, train_data, idx, hp)
+            interrupt.raise_if_received()
+            pending.append(metrics)
+            before, step = step, step + k
+            end = step >= cfg.steps
+            if crossed(before, step, cfg.log_every) or end:
+                guard()
+                host = _host_metrics(pending)
+                pending.clear()
+                progress.update(step, float(np.mean(host["loss"])))
+                rate = progress.steps_per_second(step)
+                for i in alive():
+                    view = _scalar_view(metrics_of(host, i), "train_")
+                    members[i].run.log(step, dict(view, steps_per_second=rate))
+            if evaluate is not None and (crossed(before, step, cfg.eval_every) or end):
+                guard()
+                ev = {k: np.asarray(v) for k, v in evaluate(state.params, eval_data, hp).items()}
+                for i in alive():
+                    mine = metrics_of(ev, i)
+                    histories[i].append(dict(step=step, **{k: v.tolist() for k, v in mine.items()}))
+                    members[i].run.log(step, _scalar_view(mine, "eval_"))
+            if crossed(before, step, cfg.checkpoint_every) or end:
+                guard()
+                save(step)
+        guard()
+        save(step)  # the members not saved at this step yet
+    finally:
+        progress.close()
