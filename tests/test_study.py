@@ -1,0 +1,242 @@
+"""The study executor and packing: packed trials equal separate runs, per-trial NaN guard,
+worker death, resume of a packed study."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from experiment.config import build_config
+from experiment.run import Run
+from tasks import autoencoder, linear_ae, running_average
+from tests.conftest import REPO, TINY_ARGS
+from training.loop import fit
+from training.packing import Member, fit_packed, group_key
+
+RA = [*TINY_ARGS["running_average"], "--steps=40", "--log_every=8", "--eval_every=16"]
+AE = [*TINY_ARGS["autoencoder"], "--steps=40", "--log_every=8", "--eval_every=16"]
+
+
+def tokens(args):
+    return dict(a[2:].split("=", 1) for a in args)
+
+
+def config(module, args, **changes):
+    return build_config(module.Config, {**tokens(args), **{k: str(v) for k, v in changes.items()}})
+
+
+def member(module, cfg, workdir, task):
+    train_cfg, problem = module.training_problem(cfg)
+    return Member(train_cfg, problem, Run(task, cfg, workdir))
+
+
+def trained(module, cfg, workdir, task):
+    """fit on `workdir` as the trial's own run would: trains, or resumes a packed result."""
+    train_cfg, problem = module.training_problem(cfg)
+    run = Run(task, cfg, workdir)
+    try:
+        return fit(train_cfg, problem, run)
+    finally:
+        run.close()
+
+
+def assert_same_training(packed, alone, rtol=1e-4, atol=1e-6):
+    for a, b in zip(jax.tree.leaves(packed.params), jax.tree.leaves(alone.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
+    assert [h["step"] for h in packed.history] == [h["step"] for h in alone.history]
+    for p, s in zip(packed.history, alone.history, strict=True):
+        for k in s:
+            np.testing.assert_allclose(p[k], s[k], rtol=rtol, atol=atol)
+
+
+# every packable option of every packing task, with two values that must both train right
+CASES = [
+    (running_average, "running_average", RA, "seed", (0, 7)),
+    (running_average, "running_average", RA, "learning_rate", (3e-3, 3e-2)),
+    (running_average, "running_average", [*RA, "--weight_decay=1e-4"], "weight_decay",
+     (1e-4, 1e-2)),
+    (running_average, "running_average", RA, "last_step_only", (False, True)),
+    (autoencoder, "autoencoder", [*AE, "--kind=denoising"], "noise_std", (0.1, 0.8)),
+    (autoencoder, "autoencoder", [*AE, "--kind=masked"], "mask_ratio", (0.25, 0.75)),
+    (linear_ae, "linear_ae", ["--steps=40", "--eval_every=16", "--num_train=500"], "weight_decay",
+     (1e-3, 1e-1)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "module,task,args,option,values", CASES, ids=[c[3] + "-" + c[1] for c in CASES]
+)
+def test_packed_trials_equal_the_same_trials_run_alone(
+    tmp_path, module, task, args, option, values
+):
+    cfgs = [config(module, args, **{option: v}) for v in values]
+    keys = {group_key(task, module, c) for c in cfgs}
+    assert len(keys) == 1 and None not in keys  # the option packs
+    members = [member(module, c, tmp_path / f"packed{i}", task) for i, c in enumerate(cfgs)]
+    try:
+        fit_packed(members)
+    finally:
+        for m in members:
+            m.run.close()
+    for i, c in enumerate(cfgs):
+        packed = trained(module, c, tmp_path / f"packed{i}", task)
+        assert packed.stats["steps"] == 40
+        alone = trained(module, c, tmp_path / f"alone{i}", task)
+        assert_same_training(packed, alone)
+    # the two values gave two different trainings
+    a, b = (trained(module, c, tmp_path / f"packed{i}", task) for i, c in enumerate(cfgs))
+    assert not np.allclose(jax.tree.leaves(a.params)[0], jax.tree.leaves(b.params)[0])
+
+
+def test_group_keys_split_what_changes_the_program_and_join_what_does_not():
+    def key(**kw):
+        return group_key("running_average", running_average, config(running_average, RA, **kw))
+
+    assert key(cell="lstm", activation="tanh") == key(cell="lstm", activation="relu")  # unused
+    assert key(cell="rnn", activation="tanh") != key(cell="rnn", activation="relu")
+    assert key(hidden_size=8) != key(hidden_size=9)
+    assert key(steps=40) != key(steps=41)
+    assert key(weight_decay=0) != key(weight_decay=1e-3)  # the optimizer chain differs
+    assert key(weight_decay=1e-3) == key(weight_decay=1e-2)
+    surnames_module = pytest.importorskip("tasks.surnames")
+    assert group_key("surnames", surnames_module, None) is None  # selects its best: alone
+
+
+def test_a_diverging_trial_stops_alone_and_keeps_its_last_finite_checkpoint(tmp_path):
+    args = [*RA, "--optimizer=sgd", "--checkpoint_every=8", "--log_every=4"]
+    good, bad = (
+        config(running_average, args, learning_rate=1e-2),
+        config(running_average, args, learning_rate=3e38),
+    )
+    members = [member(running_average, c, tmp_path / n, "running_average")
+               for c, n in ((good, "good"), (bad, "bad"))]  # fmt: skip
+    try:
+        fit_packed(members)
+    finally:
+        for m in members:
+            m.run.close()
+    assert members[0].diverged_at is None and members[1].diverged_at is not None
+    # the good trial trained to the end, equal to its run alone
+    packed = trained(running_average, good, tmp_path / "good", "running_average")
+    alone = trained(running_average, good, tmp_path / "alone", "running_average")
+    assert packed.stats["steps"] == 40
+    assert_same_training(packed, alone)
+    # the diverged one: only finite checkpoints, before the divergence; its own run then
+    # fails as it would alone
+    steps = sorted(
+        int(p.name) for p in (tmp_path / "bad" / "checkpoints").iterdir() if p.name.isdigit()
+    )
+    assert all(s <= members[1].diverged_at for s in steps)
+    from experiment.errors import RunFailed
+
+    with pytest.raises(RunFailed, match="non-finite"):
+        trained(running_average, bad, tmp_path / "bad", "running_average")
+
+
+# ------------------------------------------------------------------ the executor
+
+
+def write_grid(path, parameters, extra_args):
+    spec = {
+        "program": "train.py",
+        "method": "grid",
+        "metric": {"name": "eval_loss", "goal": "minimize"},
+        "parameters": parameters,
+        "command": ["${env}", "${interpreter}", "${program}", "--task=running_average",
+                    *extra_args, "${args}"],
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def start_sweep(tmp_path, spec, out, *extra):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    command = [sys.executable, str(REPO / "sweep.py"), str(spec), "--sweep_dir", str(out),
+               "--wandb=disabled", *extra]  # fmt: skip
+    return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def wait_for(condition, seconds=120.0):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def state_of(out):
+    return {t["id"]: t for t in json.loads((out / "sweep_state.json").read_text())["trials"]}
+
+
+LONG = [*TINY_ARGS["running_average"], "--steps=4000", "--checkpoint_every=64", "--log_every=64",
+        "--eval_every=4000", "--steps_per_call=8"]  # fmt: skip
+
+
+def test_a_killed_worker_costs_only_its_trial_and_the_study_goes_on(tmp_path):
+    spec = write_grid(tmp_path / "s.yaml", {"seed": {"values": [0, 1]}}, LONG)
+    out = tmp_path / "out"
+    proc = start_sweep(tmp_path, spec, out, "--no_pack")
+    wait_for(lambda: (out / "trial-000" / "checkpoints" / "64").is_dir())
+    (worker,) = children(proc.pid)
+    os.kill(worker, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    trials = state_of(out)
+    assert trials["trial-000"]["status"] == "failed"
+    assert "worker process died (SIGKILL)" in trials["trial-000"]["error"]
+    assert trials["trial-001"]["status"] == "finished"
+    # its checkpoints survived: a retry resumes from them and finishes
+    proc = start_sweep(tmp_path, spec, out, "--no_pack", "--retry_failed")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert state_of(out)["trial-000"]["status"] == "finished"
+    assert "resuming from checkpoint" in (out / "trial-000" / "trial.log").read_text()
+
+
+def test_an_interrupted_packed_study_resumes_to_the_uninterrupted_result(tmp_path):
+    spec = write_grid(
+        tmp_path / "s.yaml",
+        {"last_step_only": {"values": [False, True]}},
+        [*LONG[:-4], "--steps=600", "--checkpoint_every=64", "--log_every=64", "--eval_every=600"],
+    )
+    straight, out = tmp_path / "straight", tmp_path / "out"
+    proc = start_sweep(tmp_path, spec, straight)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert "packed: 2 trials in one program" in output
+    proc = start_sweep(tmp_path, spec, out)
+    wait_for(lambda: (out / "trial-001" / "checkpoints" / "64").is_dir())
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert {t["status"] for t in state_of(out).values()} == {"running"}
+    proc = start_sweep(tmp_path, spec, out)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert "resuming 2 packed trials from step" in (out / "trial-000" / "trial.log").read_text()
+    for trial_id, trial in state_of(out).items():
+        assert trial["status"] == "finished"
+        assert trial["metric"] == state_of(straight)[trial_id]["metric"]  # bit-equal
