@@ -211,7 +211,7 @@ def read_saved_run(path: Path) -> tuple[str, dict] | None:
 
 
 def check_same_run(
-    path: Path, task: str, config: Mapping[str, Any], saved: tuple[str, Any], source: Path
+    path: Path, task: str, config: Mapping[str, Any], saved: tuple[Any, Any], source: Path
 ) -> None:
     """Refuse (UsageError) unless `saved` = (task, config) equals the requested run.
 

@@ -171,6 +171,9 @@ class WandbWriter:
                 # one W&B run per workdir: a rerun (resume) continues it, not a new one
                 id=workdir_run_id(workdir),
                 resume="allow",
+                # several runs at once in one process (trials packed by the study
+                # executor): each its own run, never the previous one returned
+                reinit="create_new",
                 project=os.environ.get("WANDB_PROJECT", "rnnae"),
                 dir=str(workdir),
                 name=os.environ.get("WANDB_NAME") or f"{task}-{workdir.name}",

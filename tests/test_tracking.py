@@ -204,3 +204,28 @@ def test_curves_over_seeds_have_a_mean_a_band_and_labelled_seeds():
     assert len(labels) == len(set(labels))
     assert len(ax.collections) == 1  # the band
     assert ax.lines[-1].get_marker() == "o"
+
+
+def test_packed_sweep_trials_log_to_their_own_wandb_runs(tmp_path, capsys):
+    """Trials trained in one program (packed) still get one W&B run each, with their own
+    training curves: never one trial's run returned for another's."""
+    import sweep
+    from tests.test_sweep import write_sweep
+
+    spec = write_sweep(tmp_path / "s.yaml", {"learning_rate": {"values": [1e-3, 1e-2]}})
+    out = tmp_path / "out"
+    assert sweep.main([str(spec), "--sweep_dir", str(out), "--wandb=offline"]) == 0
+    assert "packed: 2 trials in one program" in capsys.readouterr().out
+    ids = []
+    for trial in ("trial-000", "trial-001"):
+        run_id = (out / trial / "wandb_run_id").read_text().strip()
+        files = offline_runs(out / trial)
+        assert files  # the packed training's run, then the trial's own (resumed) run
+        for path in files:
+            run = run_record(path)
+            assert (run.run_id, run.display_name) == (run_id, trial)
+        history = [r for r in records(files[0]) if r.WhichOneof("record_type") == "history"]
+        keys = {item.key or ".".join(item.nested_key) for r in history for item in r.history.item}
+        assert "train_loss" in keys  # its curve, logged while it trained packed
+        ids.append(run_id)
+    assert ids[0] != ids[1]

@@ -111,7 +111,7 @@ class Member:
 def _same_arrays(a: Any, b: Any) -> bool:
     leaves_a, tree_a = jax.tree.flatten(a)
     leaves_b, tree_b = jax.tree.flatten(b)
-    return tree_a == tree_b and all(
+    return tree_a == tree_b and all(  # type: ignore[operator]
         np.shape(x) == np.shape(y) and np.array_equal(np.asarray(x), np.asarray(y))
         for x, y in zip(leaves_a, leaves_b, strict=True)
     )

@@ -1,0 +1,166 @@
+"""Whole studies: a process per trial vs trials in a long-lived worker vs packed trials.
+
+    python benchmarks/study_executor.py [--grids rnn_activation,linear_ae,ae_latent]
+
+For each grid, the same trials run three ways, one after another in this process's
+machine, each with a cold JAX compilation cache of its own:
+
+  process    `python train.py ...` per trial, one at a time (what sweep.py did before
+             the study executor)
+  in-process one experiment.worker process runs every trial (experiment.study,
+             packing off)
+  packed     the same worker, compatible trials packed into one program
+
+Printed per mode: wall seconds, speed-up over `process`, the share of wall time
+spent training (each packed group's training counted once), and the largest
+relative difference of a trial's metric from its `process` run. The numbers go in
+BENCHMARKS.md ("Whole studies").
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from experiment.study import Result, Trial, run_trials  # noqa: E402
+
+# (task, fixed options, {swept option: values}, metric)
+GRIDS = {
+    # sweeps/rnn_activation.yaml at 500 steps
+    "rnn_activation": (
+        "running_average",
+        {"steps": "500"},
+        {"cell": ["rnn", "lstm"], "activation": ["tanh", "relu", "identity"],
+         "num_layers": ["1", "2"], "last_step_only": ["false", "true"]},
+        "eval_loss",
+    ),
+    # 16 weight decays of the linear autoencoder, log-spaced (sweeps/linear_ae_weight_decay.yaml)
+    "linear_ae": (
+        "linear_ae",
+        {"steps": "2000", "eval_every": "500"},
+        {"weight_decay": [f"{x:.3g}" for x in np.logspace(-4, -0.5, 16)]},
+        "orthonormality_error",
+    ),
+    # sweeps/ae_latent.yaml at 2 epochs: shapes differ, nothing packs
+    "ae_latent": (
+        "autoencoder",
+        {"dataset": "synthetic", "epochs": "2"},
+        {"latent_dim": ["5", "20", "100", "200"], "activation": ["relu", "tanh", "identity"],
+         "kind": ["vanilla", "denoising"]},
+        "probe_accuracy",
+    ),
+}  # fmt: skip
+
+
+def trials_of(name: str, root: Path) -> list[Trial]:
+    task, fixed, swept, _ = GRIDS[name]
+    combos = itertools.product(*swept.values())
+    return [
+        Trial(f"trial-{i:03d}", task, {**fixed, **dict(zip(swept, combo, strict=True))},
+              root / f"trial-{i:03d}")
+        for i, combo in enumerate(combos)
+    ]  # fmt: skip
+
+
+def summary(trial: Trial) -> dict:
+    return json.loads((trial.workdir / "summary.json").read_text())
+
+
+def run_processes(trials: list[Trial]) -> list[list[Trial]]:
+    for trial in trials:
+        trial.workdir.mkdir(parents=True)
+        with open(trial.log, "wb") as log:
+            subprocess.run([sys.executable, str(REPO / "train.py"), *trial.argv()],
+                           stdout=log, stderr=subprocess.STDOUT, check=True)  # fmt: skip
+    return [[t] for t in trials]
+
+
+def run_executor(trials: list[Trial], pack: bool) -> list[list[Trial]]:
+    jobs: list[list[Trial]] = []
+    failed: list[Result] = []
+    queue = list(trials)
+
+    def more(idle: int) -> list[Trial]:
+        chosen = list(queue)
+        queue.clear()
+        return chosen
+
+    def on_result(result: Result) -> None:
+        if result.exit_code != 0:
+            failed.append(result)
+
+    run_trials(more, workers=1, pack=pack, on_start=jobs.append, on_result=on_result,
+               worker_log=trials[0].workdir.parent / "workers.log")  # fmt: skip
+    if failed:
+        raise SystemExit(f"{len(failed)} trials failed, e.g. {failed[0].trial.log}")
+    return jobs
+
+
+def measure(name: str, mode: str, scratch: Path) -> dict:
+    root = scratch / name / mode
+    trials = trials_of(name, root)
+    os.environ["RNNAE_CACHE_DIR"] = str(root / "jax-cache")  # cold, of its own
+    start = time.perf_counter()
+    if mode == "process":
+        jobs = run_processes(trials)
+    else:
+        jobs = run_executor(trials, pack=mode == "packed")
+    wall = time.perf_counter() - start
+    # a packed group trains once for all its trials: count its time once
+    training = sum(max(summary(t)["train_seconds"] for t in job) for job in jobs)
+    metric = GRIDS[name][3]
+    return dict(
+        wall=wall,
+        training=training,
+        groups=len(jobs),
+        metrics={t.id: summary(t)[metric] for t in trials},
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grids", default=",".join(GRIDS))
+    parser.add_argument("--modes", default="process,in-process,packed")
+    args = parser.parse_args()
+    threads = os.environ.get("XLA_FLAGS", "default XLA threads")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, {threads}")
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in args.grids.split(","):
+            results = {m: measure(name, m, Path(scratch)) for m in args.modes.split(",")}
+            base = results.get("process")
+            print(f"\n{name}: {len(next(iter(results.values()))['metrics'])} trials")
+            print("| mode | programs | wall s | speed-up | training share | max rel. diff |")
+            print("| --- | --- | --- | --- | --- | --- |")
+            for mode, r in results.items():
+                speedup = f"{base['wall'] / r['wall']:.2f}x" if base else "n/a"
+                diff = (
+                    max(abs(r["metrics"][k] - v) / max(abs(v), 1e-30)
+                        for k, v in base["metrics"].items())
+                    if base else float("nan")
+                )  # fmt: skip
+                share = 100 * r["training"] / r["wall"]
+                row = [
+                    mode,
+                    r["groups"],
+                    f"{r['wall']:.1f}",
+                    speedup,
+                    f"{share:.0f}%",
+                    f"{diff:.2g}",
+                ]
+                print("| " + " | ".join(map(str, row)) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
