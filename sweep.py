@@ -3,6 +3,7 @@
     python sweep.py sweeps/X.yaml [--count N] [--workers W] [--sweep_dir DIR] [--seed S]
                     [--set KEY=VALUE ...] [--retry_failed] [--no_pack]
     python sweep.py --report DIR
+    python sweep.py sweeps/X.yaml --agent ENTITY/PROJECT/ID [--count N]   # a W&B server sweep
 
 The YAML is the same file `wandb sweep` takes (method grid | random | bayes,
 metric, parameters, and a command holding --task=NAME). Trials are proposed by
@@ -426,6 +427,50 @@ def run_sweep(
     return state
 
 
+def run_agent(spec: dict, sweep_id: str, count: int | None, directory: Path, wandb: str) -> int:
+    """A W&B server sweep's trials in THIS process: `wandb.agent(sweep_id, function=...)`
+    asks the server for each trial, and each is `train.main` with the proposed values
+    (imports and compiled programs are reused, as in the offline executor's workers).
+
+    The sweep file gives the task and the fixed options (the same file given to
+    `wandb sweep`); a trial's workdir is DIR/<W&B run id> and its W&B run is the one
+    the server created for it (so the sweep sees its metric). Returns 1 when every
+    trial failed, else 0."""
+    import wandb as wandb_sdk
+    import yaml
+
+    import train
+    from experiment.workdir import WANDB_ID_FILE
+    from experiment.worker import environment
+
+    task, _, fixed = validate(spec)
+    codes: list[int] = []
+
+    def trial() -> None:
+        run_id = os.environ["WANDB_RUN_ID"]  # set by the agent for this trial
+        with open(os.environ["WANDB_SWEEP_PARAM_PATH"], encoding="utf-8") as f:
+            proposed = yaml.safe_load(f) or {}
+        params = {
+            k: v["value"] for k, v in proposed.items() if isinstance(v, dict) and "value" in v
+        }
+        workdir = directory / run_id
+        workdir.mkdir(parents=True, exist_ok=True)
+        # the server's run for this trial is the workdir's W&B run
+        write_bytes_atomic(workdir / WANDB_ID_FILE, (run_id + "\n").encode())
+        options = {**fixed, **{k: to_text(v) for k, v in params.items()}}
+        argv = [f"--task={task}", *[f"--{k}={v}" for k, v in options.items()],
+                f"--workdir={workdir}", f"--wandb={wandb}"]  # fmt: skip
+        print(f"{run_id}: starting {params}", flush=True)
+        with environment({SWEPT_ENV: ",".join(params), "WANDB_NAME": run_id}):
+            code = train.main(argv)
+        codes.append(code)
+        print(f"{run_id}: exit {code}", flush=True)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    wandb_sdk.agent(sweep_id, function=trial, count=count)
+    return 1 if codes and all(codes) else 0
+
+
 # ---------------------------------------------------------------------- report
 
 
@@ -591,7 +636,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--sweep_dir", type=Path, help="default: sweep_runs/<file name>")
     parser.add_argument("--seed", type=int, default=0, help="seed of the search algorithm")
-    parser.add_argument("--wandb", default="offline", choices=["online", "offline", "disabled"])
+    parser.add_argument(
+        "--wandb",
+        choices=["online", "offline", "disabled"],
+        help="W&B mode of the trials (default: offline; online with --agent)",
+    )
+    parser.add_argument(
+        "--agent",
+        metavar="SWEEP_ID",
+        help="run the trials of this W&B server sweep (ENTITY/PROJECT/ID from `wandb sweep`) "
+        "in this process instead of searching offline; the sweep file gives the task",
+    )
     parser.add_argument("--report", type=Path, metavar="DIR", help="only write the report of DIR")
     parser.add_argument(
         "--set",
@@ -635,6 +690,9 @@ def _main(argv: list[str]) -> int:
     spec = with_settings(load_sweep_file(args.sweep_file), args.set)
     # absolute from here on: trials and the report agree on where results are
     directory = resolve(args.sweep_dir or Path("sweep_runs") / args.sweep_file.stem)
+    if args.agent:
+        return run_agent(spec, args.agent, args.count, directory, args.wandb or "online")
+    args.wandb = args.wandb or "offline"
     state = run_sweep(
         spec,
         directory,

@@ -229,3 +229,49 @@ def test_packed_sweep_trials_log_to_their_own_wandb_runs(tmp_path, capsys):
         assert "train_loss" in keys  # its curve, logged while it trained packed
         ids.append(run_id)
     assert ids[0] != ids[1]
+
+
+def test_the_in_process_agent_runs_server_proposed_trials_as_their_server_runs(
+    tmp_path, monkeypatch
+):
+    """`sweep.py FILE --agent ID`: W&B's agent (here a stand-in for the server, which the
+    test cannot reach) proposes trials; each runs in this process as the W&B run the
+    server created for it, with the proposed options."""
+    import json
+    import threading
+
+    import wandb
+    import yaml
+
+    import sweep
+    from tests.test_sweep import write_sweep
+
+    proposals = [("agentrun1", {"hidden_size": 3}), ("agentrun2", {"hidden_size": 5})]
+    calls = []
+
+    def fake_agent(sweep_id, function, count=None, **_):
+        # what wandb.agent does per trial (wandb/agents/pyagent.py): the run id and a
+        # file of the proposed values in the environment, the function in a thread
+        calls.append((sweep_id, count))
+        for run_id, params in proposals[:count]:
+            path = tmp_path / f"config-{run_id}.yaml"
+            path.write_text(yaml.safe_dump({k: {"value": v} for k, v in params.items()}))
+            monkeypatch.setenv("WANDB_RUN_ID", run_id)
+            monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(path))
+            thread = threading.Thread(target=function)
+            thread.start()
+            thread.join()
+
+    monkeypatch.setattr(wandb, "agent", fake_agent)
+    spec = write_sweep(tmp_path / "s.yaml", {"hidden_size": {"values": [3, 5]}})
+    out = tmp_path / "out"
+    args = [str(spec), "--agent", "me/rnnae/abc123", "--count", "2", "--sweep_dir", str(out)]
+    assert sweep.main([*args, "--wandb=offline"]) == 0
+    assert calls == [("me/rnnae/abc123", 2)]
+    for run_id, params in proposals:
+        workdir = out / run_id
+        config = json.loads((workdir / "config.json").read_text())
+        assert config["config"]["hidden_size"] == params["hidden_size"]
+        assert (workdir / "summary.json").exists()
+        run = run_record(offline_runs(workdir)[0])
+        assert run.run_id == run_id  # the server's run, not a new one

@@ -141,15 +141,21 @@ def _init_params(make_model, seed):
     return nnx.split(make_model(nnx.Rngs(jax.random.key(seed))))[1]
 
 
-def init_train_state(problem: Problem, tx, cfg: TrainConfig) -> tuple[Any, TrainState]:
-    """(graphdef, initial state); with num_seeds > 1 every leaf gets a leading replica axis."""
+def init_train_state(
+    problem: Problem, tx, cfg: TrainConfig, shapes_only: bool = False
+) -> tuple[Any, TrainState]:
+    """(graphdef, initial state); with num_seeds > 1 every leaf gets a leading replica axis.
+    shapes_only: jax.ShapeDtypeStructs instead of arrays (a template to restore into)."""
     seeds = np.arange(cfg.seed, cfg.seed + cfg.num_seeds)
-    return init_replicas(problem, tx, seeds, replicated=cfg.num_seeds > 1)
+    return init_replicas(problem, tx, seeds, replicated=cfg.num_seeds > 1, shapes_only=shapes_only)
 
 
-def init_replicas(problem: Problem, tx, seeds, replicated: bool) -> tuple[Any, TrainState]:
+def init_replicas(
+    problem: Problem, tx, seeds, replicated: bool, shapes_only: bool = False
+) -> tuple[Any, TrainState]:
     """(graphdef, initial state) of one replica per seed in `seeds` (a leading replica
-    axis on every leaf when `replicated`, else the one seed's state)."""
+    axis on every leaf when `replicated`, else the one seed's state). shapes_only: the
+    state's shapes and dtypes, with nothing compiled or computed."""
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: problem.make_model(nnx.Rngs(0))))
     init = functools.partial(_init_params, problem.make_model)
 
@@ -165,6 +171,8 @@ def init_replicas(problem: Problem, tx, seeds, replicated: bool) -> tuple[Any, T
         memory.STEP_STATE_COPIES * memory.tree_bytes(lowered.out_info),
         "training the model (parameters, optimizer state, gradients)",
     )
+    if shapes_only:
+        return graphdef, jax.eval_shape(init_all, seed_arg)
     # Runs once: cheap XLA optimisation cuts its compile time by a third.
     options = {"xla_backend_optimization_level": 0}
     return graphdef, lowered.compile(options)(seed_arg)  # type: ignore[arg-type]
@@ -253,15 +261,53 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
-def make_chunk(train_step, replicated: bool):
-    """K train steps in one `lax.scan`; vmapped over replicas when there are several."""
+def scan_steps(step_fn, state, idx_KxB, active_K=None):
+    """K steps of step_fn(state, idx) -> (state, metrics) in one `lax.scan`.
 
-    def chunk(state, data, idx_KxB):
-        return jax.lax.scan(lambda s, idx: train_step(s, data, idx), state, idx_KxB)
+    active_K (optional, one bool per step): an inactive step leaves the state as it was
+    (a `lax.cond`, so its work is skipped) and reports zeros. A run's last, shorter
+    chunk is then the same compiled program as the others instead of a second
+    compilation (about 1 s on the CPU for the running-average RNN, BENCHMARKS.md).
+    """
+    if active_K is None:
+        return jax.lax.scan(step_fn, state, idx_KxB)
+
+    def body(s, xs):
+        idx, active = xs
+
+        def skip(s):
+            shapes = jax.eval_shape(step_fn, s, idx)[1]
+            return s, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+
+        return jax.lax.cond(active, lambda s: step_fn(s, idx), skip, s)
+
+    return jax.lax.scan(body, state, (idx_KxB, active_K))
+
+
+def make_chunk(train_step, replicated: bool):
+    """chunk(state, data, idx_KxB, active_K=None): K train steps in one `lax.scan`
+    (`scan_steps`), vmapped over replicas when there are several."""
+
+    def chunk(state, data, idx_KxB, active_K=None):
+        return scan_steps(lambda s, idx: train_step(s, data, idx), state, idx_KxB, active_K)
 
     if replicated:
-        chunk = jax.vmap(chunk, in_axes=(0, None, 0))
+        # active_K is shared by the replicas: the cond stays a cond under vmap
+        chunk = jax.vmap(chunk, in_axes=(0, None, 0, None))
     return jax.jit(chunk, donate_argnums=(0,))
+
+
+def chunk_plan(step: int, total: int, steps_per_call: int) -> tuple[int, np.ndarray]:
+    """(steps to take now, active flags of the chunk): every chunk has the same length,
+    min(steps_per_call, total), and the last one leaves its surplus steps inactive."""
+    length = min(steps_per_call, total)
+    k = min(length, total - step)
+    return k, np.arange(length) < k
+
+
+def first_steps(metrics, k: int):
+    """The chunk's metrics of its k active steps (the step axis is the last)."""
+    return jax.tree.map(lambda m: m[..., :k], metrics)
 
 
 def make_evaluator(graphdef, problem: Problem, replicated: bool):
@@ -363,8 +409,17 @@ def fit(
     tx = make_optimizer(cfg)
     replicated = cfg.num_seeds > 1
     mesh = sharding.data_mesh(cfg.batch_size, cfg.num_seeds)
-    graphdef, state = init_train_state(problem, tx, cfg)
-    state = sharding.split_replicas(state, mesh, cfg.num_seeds)
+    # A run that will resume needs only the state's shapes to restore into: computing
+    # the initial state (a compile and a run) is skipped. (On one device, without a
+    # selector, whose best-so-far copy needs real arrays.)
+    restoring = (
+        mesh is None
+        and not problem.select_metric
+        and _has_steps(checkpoints_dir(run.workdir, model))
+    )
+    graphdef, state = init_train_state(problem, tx, cfg, shapes_only=restoring)
+    if not restoring:
+        state = sharding.split_replicas(state, mesh, cfg.num_seeds)
     train_data = sharding.replicate(problem.train_data, mesh)
     eval_data = None if problem.eval_data is None else sharding.replicate(problem.eval_data, mesh)
     num_examples = jax.tree.leaves(train_data)[0].shape[0]
@@ -386,6 +441,8 @@ def fit(
     saved_config = {"task": run.task, "config": run.config_dict}
     try:
         state, spent = _maybe_resume(checkpoints, state, selector)
+        if restoring and isinstance(state.step, jax.ShapeDtypeStruct):
+            _, state = init_train_state(problem, tx, cfg)  # nothing restored after all
     except BaseException:
         checkpoints.close()  # a refused resume leaves no orbax thread behind
         raise
@@ -435,22 +492,23 @@ def fit(
 
     try:
         while step < cfg.steps:
-            k = min(steps_per_call, cfg.steps - step)
+            k, active = chunk_plan(step, cfg.steps, steps_per_call)
             idx = (
-                np.stack([s.indices(step, k) for s in samplers])
+                np.stack([s.indices(step, len(active)) for s in samplers])
                 if replicated
-                else samplers[0].indices(step, k)
+                else samplers[0].indices(step, len(active))
             )
-            if k not in compiled:
+            if len(active) not in compiled:
                 t0 = time.perf_counter()
-                compiled[k] = chunk.lower(state, train_data, idx).compile()
+                program = chunk.lower(state, train_data, idx, active).compile()
+                compiled[len(active)] = program
                 segment.compile_seconds += time.perf_counter() - t0
-                footprint = memory.compiled_bytes(compiled[k])
+                footprint = memory.compiled_bytes(program)
                 if footprint is not None:
                     memory.require(footprint, f"a train step (batch {cfg.batch_size})")
-            state, metrics = compiled[k](state, train_data, idx)
+            state, metrics = compiled[len(active)](state, train_data, idx, active)
             interrupt.raise_if_received()  # in case a library swallowed the KeyboardInterrupt
-            pending.append(metrics)
+            pending.append(first_steps(metrics, k))
             before, step = step, step + k
             end = step >= cfg.steps
             if _crossed(before, step, cfg.log_every) or end:
@@ -502,6 +560,11 @@ def fit(
         stats,
         evaluate,  # the same compiled evaluator the loop used
     )
+
+
+def _has_steps(directory) -> bool:
+    """Whether a checkpoint directory holds any step (readable or not)."""
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 def _train_state_dict(state: TrainState, selector: _Selector | None) -> dict:

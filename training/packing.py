@@ -57,9 +57,12 @@ from training.loop import (
     _Segment,
     _Spent,
     _train_state_dict,
+    chunk_plan,
     default_steps_per_call,
+    first_steps,
     init_replicas,
     make_train_step,
+    scan_steps,
     task_args,
 )
 from training.optim import make_optimizer
@@ -215,10 +218,10 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc) -> None:
         graphdef, problem, tx, compute_dtype=compute_dtype, optimizer_for=optimizer_for
     )
 
-    def chunk_fn(s, data, idx_KxB, values):
-        return jax.lax.scan(lambda c, idx: train_step(c, data, idx, values), s, idx_KxB)
+    def chunk_fn(s, data, idx_KxB, active_K, values):
+        return scan_steps(lambda c, idx: train_step(c, data, idx, values), s, idx_KxB, active_K)
 
-    chunk = jax.jit(jax.vmap(chunk_fn, in_axes=(0, None, 0, 0)), donate_argnums=(0,))
+    chunk = jax.jit(jax.vmap(chunk_fn, in_axes=(0, None, 0, None, 0)), donate_argnums=(0,))
     evaluate = None
     if problem.eval_fn is not None:
         eval_fn = problem.eval_fn
@@ -277,19 +280,19 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc) -> None:
 
     try:
         while step < cfg.steps and alive():
-            k = min(steps_per_call, cfg.steps - step)
-            idx = np.stack([s.indices(step, k) for s in samplers])
-            if k not in compiled:
+            k, active = chunk_plan(step, cfg.steps, steps_per_call)
+            idx = np.stack([s.indices(step, len(active)) for s in samplers])
+            if len(active) not in compiled:
                 t0 = time.perf_counter()
-                compiled[k] = chunk.lower(state, train_data, idx, hp).compile()
+                compiled[len(active)] = chunk.lower(state, train_data, idx, active, hp).compile()
                 for seg in segments:
                     seg.compile_seconds += time.perf_counter() - t0
-                footprint = memory.compiled_bytes(compiled[k])
+                footprint = memory.compiled_bytes(compiled[len(active)])
                 if footprint is not None:
                     memory.require(footprint, f"a packed train step ({len(seeds)} replicas)")
-            state, metrics = compiled[k](state, train_data, idx, hp)
+            state, metrics = compiled[len(active)](state, train_data, idx, active, hp)
             interrupt.raise_if_received()
-            pending.append(metrics)
+            pending.append(first_steps(metrics, k))
             before, step = step, step + k
             end = step >= cfg.steps
             if crossed(before, step, cfg.log_every) or end:
