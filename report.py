@@ -11,7 +11,9 @@ exact command, and an explanation generated from those numbers (a number that
 contradicts the expected finding is flagged as a mismatch, not hidden). DIR/report.json holds
 the same numbers.
 
-- A run whose workdir already holds a summary for the same config is reused.
+- A run whose workdir already holds a summary for the same config is reused; an
+  unfinished one of the same config (an interrupted report) resumes from its
+  checkpoints.
 - A failed experiment is reported as failed in its section; the rest goes on.
 - Missing optional data (MNIST, surnames) is reported with how to provide it.
 - --quick shrinks every experiment (said so in the report); under 10 minutes
@@ -34,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from experiment.config import build_config, to_dict, tokenize
-from experiment.errors import UsageError
+from experiment.errors import UsageError, command_exit_code
 from experiment.study import Result, Trial, run_trials
 from experiment.workdir import (
     FAILURE_FILE,
@@ -619,16 +621,22 @@ def plan_experiment(e: Experiment, opts, runs_dir: Path) -> Outcome | Trial:
         return Outcome(e, command, error=missing)
     wanted = to_dict(build_config(tasks.load(e.task).Config, tokenize(args)))
     summary_file, config_file = workdir / SUMMARY_FILE, workdir / "config.json"
-    if summary_file.exists() and config_file.exists():
-        try:  # a damaged earlier result is not reused: the experiment reruns
+    same = False
+    if config_file.exists():
+        try:  # a damaged earlier record is not trusted: the experiment starts afresh
             saved = read_json_object(config_file, "the saved config")
-            summary = read_json_object(summary_file, "the summary")
         except UsageError:
-            saved, summary = {}, {}
-        if saved.get("task") == e.task and saved.get("config") == json_ready(wanted):
+            saved = {}
+        same = saved.get("task") == e.task and saved.get("config") == json_ready(wanted)
+    if same and summary_file.exists():
+        try:
+            summary = read_json_object(summary_file, "the summary")
             return Outcome(e, command, summary=summary, reused=True)
-    if workdir.exists():
-        shutil.rmtree(workdir)  # a different config or an unfinished run: start afresh
+        except UsageError:
+            pass  # rerun: it resumes from its checkpoints
+    if workdir.exists() and not same:
+        shutil.rmtree(workdir)  # another config's run: start afresh
+    # the same config unfinished (e.g. an interrupted report): its run resumes
     options = dict(arg[2:].split("=", 1) for arg in args)
     return Trial(e.name, e.task, options, workdir, wandb="disabled")
 
@@ -740,6 +748,14 @@ def device_description() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The report command; returns its exit code (130 on Ctrl-C: rerunning it reuses the
+    finished experiments and resumes the interrupted ones from their checkpoints)."""
+    return command_exit_code(
+        lambda: _main(argv), "interrupted; rerun the same command to continue the report"
+    )
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--quick", action="store_true", help="smaller settings, under 10 minutes on 2 cores"

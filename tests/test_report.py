@@ -61,6 +61,22 @@ def test_a_second_run_reuses_finished_experiments(tiny_report, capsys):
     assert "`surnames` (FAILED)" in (tiny_report / "README.md").read_text()
 
 
+def test_an_unfinished_experiment_resumes_and_packed_ones_share_a_program(tiny_report, capsys):
+    # the tiny report packed the running-average runs that differ only in the loss
+    workdir = tiny_report / "runs" / "ra_lstm1_last"
+    assert "trained packed with ra_lstm1_all" in (workdir / "trial.log").read_text()
+    before = json.loads((workdir / "summary.json").read_text())
+    (workdir / "summary.json").unlink()  # as if the report was interrupted before its end
+    sets = [f"--set={k}={v}" for k, v in TINY.items()]
+    assert report.main(["--quick", f"--out={tiny_report}", "--names_dir=/nonexistent", *sets]) == 0
+    assert "resuming from checkpoint step 20" in (workdir / "trial.log").read_text()
+    after = json.loads((workdir / "summary.json").read_text())
+    assert after["eval_loss"] == before["eval_loss"]
+    assert not json.loads((tiny_report / "report.json").read_text())["runs"]["ra_lstm1_last"][
+        "reused"
+    ]
+
+
 def test_missing_mnist_is_explained_not_fatal(tmp_path):
     sets = [f"--set={k}={v}" for k, v in TINY.items()]
     args = [
