@@ -37,9 +37,8 @@ from pathlib import Path
 
 from experiment.config import build_config, to_dict, tokenize
 from experiment.errors import UsageError, command_exit_code
-from experiment.study import Result, Trial, run_trials
+from experiment.study import Result, Trial, failure_message, run_trials
 from experiment.workdir import (
-    FAILURE_FILE,
     SUMMARY_FILE,
     json_ready,
     read_json_object,
@@ -646,22 +645,13 @@ def trial_outcome(e: Experiment, result: Result) -> Outcome:
     trial, workdir = result.trial, result.trial.workdir
     command = " ".join(["python train.py", f"--task={e.task}",
                         *[f"--{k}={v}" for k, v in trial.options.items()]])  # fmt: skip
-    if result.cause is not None:
-        return Outcome(e, command, error=f"exit {result.exit_code}: {result.cause}")
-    try:
-        if result.exit_code == 0 and (workdir / SUMMARY_FILE).exists():
-            return Outcome(
-                e, command, summary=read_json_object(workdir / SUMMARY_FILE, "the summary")
-            )
-        error = None
-        if (workdir / FAILURE_FILE).exists():
-            error = read_json_object(workdir / FAILURE_FILE, "the failure record").get("error")
-    except UsageError as err:
-        error = str(err)
-    if error is None:
-        lines = [ln for ln in trial.log.read_text(errors="replace").splitlines() if ln.strip()]
-        error = lines[-1] if lines else f"exit code {result.exit_code}"
-    return Outcome(e, command, error=f"exit {result.exit_code}: {error}")
+    if result.exit_code == 0 and result.cause is None and (workdir / SUMMARY_FILE).exists():
+        try:
+            summary = read_json_object(workdir / SUMMARY_FILE, "the summary")
+            return Outcome(e, command, summary=summary)
+        except UsageError as err:
+            return Outcome(e, command, error=str(err))
+    return Outcome(e, command, error=failure_message(result))
 
 
 def run_experiments(opts, runs_dir: Path) -> dict[str, Outcome]:

@@ -51,9 +51,8 @@ from experiment import run_options
 from experiment.config import build_config, suggest, to_text
 from experiment.errors import UsageError, command_exit_code
 from experiment.figures import pyplot
-from experiment.study import Result, Trial, run_trials
+from experiment.study import Result, Trial, failure_message, run_trials
 from experiment.workdir import (
-    FAILURE_FILE,
     SUMMARY_FILE,
     read_json_object,
     resolve,
@@ -301,15 +300,10 @@ def make_trial(
     return Trial(trial["id"], task, options, directory / trial["id"], wandb, env)
 
 
-def outcome(trial: dict, code: int, directory: Path, metric: str, cause: str | None = None) -> None:
-    """Record a finished trial's status, metric and error in the trial. `cause`: why,
-    when its worker process died under it."""
-    workdir = directory / trial["id"]
-    if cause is not None:
-        trial.update(status="failed", error=f"exit {code}: {cause}")
-        return
-    summary_file, failure_file = workdir / SUMMARY_FILE, workdir / FAILURE_FILE
-    if code == 0 and summary_file.exists():
+def outcome(trial: dict, result: Result, metric: str) -> None:
+    """Record a finished trial's status, metric and error in the trial."""
+    summary_file = result.trial.workdir / SUMMARY_FILE
+    if result.exit_code == 0 and result.cause is None and summary_file.exists():
         try:
             summary = read_json_object(summary_file, "the trial summary")
         except UsageError as err:
@@ -327,15 +321,7 @@ def outcome(trial: dict, code: int, directory: Path, metric: str, cause: str | N
         else:
             trial.update(status="finished", metric=float(value), error=None)
         return
-    if failure_file.exists():
-        try:
-            error = read_json_object(failure_file, "the failure record").get("error")
-        except UsageError as err:
-            error = str(err)
-    else:
-        log = (workdir / "trial.log").read_text(errors="replace").strip().splitlines()
-        error = log[-1] if log else f"exit code {code}"
-    trial.update(status="failed", error=f"exit {code}: {error}")
+    trial.update(status="failed", error=failure_message(result))
 
 
 def with_settings(spec: dict, settings: list[str]) -> dict:
@@ -409,7 +395,7 @@ def run_sweep(
 
     def on_result(result: Result) -> None:
         trial = by_id(result.trial.id)
-        outcome(trial, result.exit_code, directory, metric, result.cause)
+        outcome(trial, result, metric)
         if result.exit_code in (130, 143) and result.cause is None:
             trial.update(status="running", error=None)  # interrupted: resumes next time
         state.save()

@@ -5,7 +5,8 @@ they can share one compiled program. Used by sweep.py and report.py.
   the JAX runtime and compiled programs are reused from trial to trial.
 * Packing: pending trials with the same `training.packing.group_key` (configs that
   differ only in seed, learning rate, weight decay or a task's PACKABLE options) go
-  to one worker as one job and train as replicas of one program.
+  to one worker as one job and train as replicas of one program; each trial's own
+  run (summary, figures) then finishes as a job of its own on any idle worker.
 * Every trial is still a complete run of its own (train.py's workdir, summary,
   figures, TensorBoard and W&B runs, checkpoints), with its output in
   WORKDIR/trial.log.
@@ -28,7 +29,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from experiment.config import build_config, tokenize
@@ -72,6 +73,28 @@ class Result:
     cause: str | None = None  # why, when the trial's worker died under it
 
 
+def failure_message(result: Result) -> str:
+    """Why a trial did not succeed, in one line: `exit CODE: reason`, the reason being
+    its worker's death, else its failure.json, else the last line of its log."""
+    from experiment.workdir import FAILURE_FILE, read_json_object
+
+    reason = result.cause
+    if reason is None and (result.trial.workdir / FAILURE_FILE).exists():
+        try:
+            record = read_json_object(result.trial.workdir / FAILURE_FILE, "the failure record")
+            reason = str(record.get("error"))
+        except UsageError as err:
+            reason = str(err)
+    if reason is None:
+        try:
+            text = result.trial.log.read_text(errors="replace")
+        except OSError:
+            text = ""
+        lines = [line for line in text.splitlines() if line.strip()]
+        reason = lines[-1] if lines else "no output"
+    return f"exit {result.exit_code}: {reason}"
+
+
 def group_key(trial: Trial) -> str | None:
     """Trials with equal keys can train packed; None: alone (or a config the trial's
     own run will refuse with its error)."""
@@ -87,13 +110,14 @@ def group_key(trial: Trial) -> str | None:
     return key_of(trial.task, module, cfg)
 
 
-def take_job(pending: list[Trial], pack: bool) -> list[Trial]:
+def take_job(pending: list[Trial], pack: bool, trained: Collection[str] = ()) -> list[Trial]:
     """The next job: the first pending trial and, when packing, every pending trial of its
-    group (up to training.packing.MAX_REPLICAS replicas)."""
+    group (up to training.packing.MAX_REPLICAS replicas). Trials in `trained` (their
+    packed training is done) run alone: their run only finishes."""
     from training.packing import MAX_REPLICAS
 
     first = pending.pop(0)
-    key = group_key(first) if pack else None
+    key = group_key(first) if pack and first.id not in trained else None
     if key is None:
         return [first]
     seeds = int(first.options.get("num_seeds", 1))
@@ -101,7 +125,7 @@ def take_job(pending: list[Trial], pack: bool) -> list[Trial]:
     for trial in list(pending):
         if (len(job) + 1) * seeds > MAX_REPLICAS:
             break
-        if group_key(trial) == key:
+        if trial.id not in trained and group_key(trial) == key:
             job.append(trial)
             pending.remove(trial)
     return job
@@ -193,6 +217,7 @@ def run_trials(
     events: queue.Queue = queue.Queue()
     pool: list[Worker | None] = [None] * workers
     pending: list[Trial] = []
+    trained: set[str] = set()  # trained packed; their own runs still to finish
     exhausted = False
     cwd = Path.cwd()
     try:
@@ -204,11 +229,12 @@ def run_trials(
                     exhausted = not pending
                 if not pending:
                     break
-                job = take_job(pending, pack)
+                job = take_job(pending, pack, trained)
                 worker = pool[i]
                 if worker is None:
                     worker = pool[i] = Worker(i, events, cwd, worker_log)
-                on_start(job)
+                if job[0].id not in trained:  # announced once, when its training starts
+                    on_start(job)
                 worker.send(job)
             if not any(w is not None and w.running for w in pool):
                 if pending or not exhausted:
@@ -222,6 +248,11 @@ def run_trials(
                 worker.running.clear()
                 worker.close()
                 pool[worker.index] = None
+                continue
+            if "packed" in message:  # their runs finish next, on any idle worker
+                done = [worker.running.pop(i) for i in message["packed"] if i in worker.running]
+                trained.update(t.id for t in done)
+                pending[:0] = done
                 continue
             trial = worker.running.pop(message["id"], None)
             if trial is not None:

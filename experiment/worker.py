@@ -5,10 +5,11 @@
 A job is a list of trials: {"id", "argv" (train.py's options), "env", "log"}. Each
 trial is `train.main(argv)` in this process, so imports, the JAX runtime and
 compiled programs are paid once per worker, not once per trial. A job of several
-trials was grouped by the executor as packable: they first train together in one
-program (training.packing.fit_packed), then each trial's own run resumes from its
-final checkpoint and writes its summary and figures. For every trial one line
-{"id", "exit_code"} goes back on stdout.
+trials was grouped by the executor as packable: they train together in one
+program (training.packing.fit_packed) and the worker answers {"packed": [ids]};
+each trial's own run (a job of one) then resumes from its final checkpoint and
+writes its summary and figures, on whichever worker is idle. For every trial's
+run one line {"id", "exit_code"} goes back on stdout.
 
 While a trial runs, file descriptors 1 and 2 point at its log file (its workdir's
 trial.log), so its output is what `python train.py ... > trial.log 2>&1` would
@@ -97,7 +98,12 @@ def train_packed(trials: list[dict]) -> None:
 
 
 def run_job(trials: list[dict], results) -> bool:
-    """Run one job; False when the worker must stop (an interrupt)."""
+    """Run one job; False when the worker must stop (an interrupt).
+
+    A job of several trials is a packed group: they train together, the worker reports
+    {"packed": [ids]}, and the executor hands each trial's own run (which resumes from
+    its final checkpoint and writes its summary and figures) to whichever worker is
+    idle. A job of one trial is that trial's run."""
     import train
 
     if len(trials) > 1:
@@ -112,19 +118,18 @@ def run_job(trials: list[dict], results) -> bool:
         for trial in trials[1:]:
             with open(trial["log"], "a", encoding="utf-8") as log:
                 log.write(f"trained packed with {trials[0]['id']} (see its trial.log)\n")
-    for trial in trials:
-        with environment(trial["env"]), output_to(trial["log"]):
-            try:
-                code = train.main(trial["argv"])
-            except Exception:  # a bug: its traceback goes to the trial's log
-                traceback.print_exc()
-                code = 1
-        report(results, trial["id"], code)
-        if code in STOP_CODES:
-            for rest in trials[trials.index(trial) + 1 :]:
-                report(results, rest["id"], code)
-            return False
-    return True
+        results.write(json.dumps({"packed": [t["id"] for t in trials]}) + "\n")
+        results.flush()
+        return True
+    (trial,) = trials
+    with environment(trial["env"]), output_to(trial["log"]):
+        try:
+            code = train.main(trial["argv"])
+        except Exception:  # a bug: its traceback goes to the trial's log
+            traceback.print_exc()
+            code = 1
+    report(results, trial["id"], code)
+    return code not in STOP_CODES
 
 
 def report(results, trial_id: str, code: int) -> None:
