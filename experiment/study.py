@@ -138,6 +138,7 @@ class Worker:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        env["RNNAE_STUDY_PID"] = str(os.getpid())  # experiment.worker.PARENT_ENV
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as err:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(

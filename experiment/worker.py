@@ -27,6 +27,8 @@ from collections.abc import Iterator
 
 from experiment import interrupt
 
+# The study process's PID (set by experiment.study): the worker ends when it does.
+PARENT_ENV = "RNNAE_STUDY_PID"
 # Exit codes after which the worker stops instead of taking the next trial.
 STOP_CODES = frozenset({130, 143})
 
@@ -91,6 +93,9 @@ def train_packed(trials: list[dict]) -> None:
         fit_packed(members, desc=f"packed x{len(trials)}")
     except (PackingUnavailable, UsageError, RunFailed) as err:
         print(f"note: not packed ({err}); each trial runs alone", flush=True)
+    except Exception as err:  # e.g. a full disk: each trial's own run meets it and says so
+        print(f"note: packed training failed ({type(err).__name__}: {err}); each trial runs "
+              "alone from its last checkpoint", flush=True)  # fmt: skip
     finally:
         for member in members:
             with contextlib.suppress(Exception):
@@ -137,9 +142,26 @@ def report(results, trial_id: str, code: int) -> None:
     results.flush()
 
 
+def die_with_parent(parent: int) -> None:
+    """SIGTERM this worker when the study process that started it dies (even by kill -9):
+    its running trial then records the interruption and keeps its checkpoints, instead
+    of an orphan going on (and holding the trial's workdir lock) after the study ended.
+    Linux only (prctl PR_SET_PDEATHSIG); elsewhere the worker stops at its next job."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main() -> int:
     from experiment import faults
 
+    parent = os.environ.get(PARENT_ENV)
+    if parent and parent.isdigit():
+        die_with_parent(int(parent))
     faults.silence_library_noise()
     # results go to the original stdout; everything else the trials print goes to logs
     results = os.fdopen(os.dup(1), "w", encoding="utf-8")

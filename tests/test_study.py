@@ -253,3 +253,89 @@ def test_an_interrupted_packed_study_resumes_to_the_uninterrupted_result(tmp_pat
     for trial_id, trial in state_of(out).items():
         assert trial["status"] == "finished"
         assert trial["metric"] == state_of(straight)[trial_id]["metric"]  # bit-equal
+
+
+def test_a_packed_training_that_fails_leaves_each_trial_to_run_alone(tmp_path, monkeypatch, capsys):
+    """E.g. a full disk in the middle of the packed training: the group's locks are
+    released and each trial's own run starts (and reports its own error, if any)."""
+    import io
+
+    import training.packing
+    from experiment import worker
+
+    def broken(members, desc=""):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(training.packing, "fit_packed", broken)
+    trials = [
+        dict(id=f"t{i}", env={}, log=str(tmp_path / f"t{i}.log"),
+             argv=["--task=running_average", *RA, f"--learning_rate={lr}",
+                   f"--workdir={tmp_path / f't{i}'}", "--wandb=disabled"])
+        for i, lr in enumerate((1e-2, 3e-2))
+    ]  # fmt: skip
+    results = io.StringIO()
+    assert worker.run_job(trials, results)
+    assert json.loads(results.getvalue()) == {"packed": ["t0", "t1"]}
+    # (in a worker, Python's stdout is fd 1, which points at the log; here pytest holds it)
+    shown = capsys.readouterr().out + (tmp_path / "t0.log").read_text()
+    assert "packed training failed (OSError" in shown
+    for trial in trials:  # the locks are free: each trial's own run goes ahead
+        results = io.StringIO()
+        assert worker.run_job([trial], results)
+        assert json.loads(results.getvalue()) == {"id": trial["id"], "exit_code": 0}
+
+
+def test_a_study_killed_with_sigkill_takes_its_workers_with_it(tmp_path):
+    """No orphan keeps training (and holding the trial's workdir lock) after the study
+    died: the worker is told (SIGTERM), records the interruption, and a rerun resumes."""
+    spec = write_grid(tmp_path / "s.yaml", {"seed": {"values": [0]}}, LONG)
+    out = tmp_path / "out"
+    proc = start_sweep(tmp_path, spec, out, "--no_pack")
+    wait_for(lambda: (out / "trial-000" / "checkpoints" / "64").is_dir())
+    (worker,) = children(proc.pid)
+    proc.kill()
+    proc.communicate(timeout=60)
+    wait_for(lambda: not os.path.exists(f"/proc/{worker}") or "Z" in open_stat(worker), 60)
+    failure = json.loads((out / "trial-000" / "failure.json").read_text())
+    assert failure["exit_code"] == 143 and "SIGTERM" in failure["error"]
+    proc = start_sweep(tmp_path, spec, out, "--no_pack")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert state_of(out)["trial-000"]["status"] == "finished"
+    assert "resuming from checkpoint" in (out / "trial-000" / "trial.log").read_text()
+
+
+def open_stat(pid: int) -> str:
+    """The state letter of a process (Z: a zombie, gone but not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def test_a_group_whose_checkpoints_were_split_by_a_kill_resumes_from_their_common_step(tmp_path):
+    """A kill between two members' saves leaves one a checkpoint ahead: the group resumes
+    packed from the newest step both have, and ends as the trials would alone."""
+    import shutil
+
+    args = [*RA, "--checkpoint_every=8", "--keep_checkpoints=2"]
+    cfgs = [config(running_average, args, learning_rate=lr) for lr in (3e-3, 3e-2)]
+
+    def pack():
+        members = [member(running_average, c, tmp_path / f"p{i}", "running_average")
+                   for i, c in enumerate(cfgs)]  # fmt: skip
+        try:
+            fit_packed(members)
+        finally:
+            for m in members:
+                m.run.close()
+
+    pack()
+    shutil.rmtree(tmp_path / "p1" / "checkpoints" / "40")  # as if killed before its save
+    pack()
+    for i, c in enumerate(cfgs):
+        packed = trained(running_average, c, tmp_path / f"p{i}", "running_average")
+        alone = trained(running_average, c, tmp_path / f"alone{i}", "running_average")
+        assert packed.stats["steps"] == 40
+        assert_same_training(packed, alone)

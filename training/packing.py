@@ -179,17 +179,22 @@ def fit_packed(members: list[Member], desc: str = "packed") -> None:
 
 def _resume(members, stores, state: TrainState, seeds_per: int):
     """(state, what each member spent) from the members' checkpoints, all at one step."""
-    latest = [store.latest_step() for store in stores]
-    if all(step is None for step in latest):
+    saved_steps = [set(store.all_steps()) for store in stores]
+    if not any(saved_steps):
         return state, [_Spent() for _ in members]
-    if len(set(latest)) != 1:
-        raise PackingUnavailable(f"the trials' checkpoints are at different steps ({latest})")
+    # The newest step every member has: a kill between two members' saves leaves the
+    # group one checkpoint apart (each keeps keep_checkpoints >= 1 older ones).
+    common = set.intersection(*saved_steps)
+    if not common:
+        newest = [max(steps, default=None) for steps in saved_steps]
+        raise PackingUnavailable(f"the trials' checkpoints have no step in common ({newest})")
+    step = max(common)
     parts, spent = [], []
     for i, store in enumerate(stores):
         template = _member_slice(state, i, seeds_per)
         try:
             params, saved, progress = store.restore(
-                latest[0], template.params, _train_state_dict(template, None)
+                step, template.params, _train_state_dict(template, None)
             )
         except Exception as err:  # damaged: the trial's own run moves it aside
             raise PackingUnavailable(f"a checkpoint is unreadable ({type(err).__name__})") from None
@@ -197,7 +202,7 @@ def _resume(members, stores, state: TrainState, seeds_per: int):
                                 saved["bad_step"]))  # fmt: skip
         spent.append(_Spent.from_saved(progress))
     stack = (lambda *xs: jnp.stack(xs)) if seeds_per == 1 else (lambda *xs: jnp.concatenate(xs))
-    print(f"resuming {len(members)} packed trials from step {latest[0]}", flush=True)
+    print(f"resuming {len(members)} packed trials from step {step}", flush=True)
     return jax.tree.map(stack, *parts), spent
 
 
@@ -260,20 +265,24 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc) -> None:
         return {k: _member_slice(v, i, seeds_per) for k, v in values.items()}
 
     def save(at_step: int) -> None:
-        for i in alive():
-            if last_saved[i] == at_step:
-                continue
-            m = members[i]
-            totals = segments[i].totals(histories[i], len(compiled))
-            saved_config = {"task": m.run.task, "config": m.run.config_dict}
-            stores[i].save(
-                at_step,
-                _member_slice(state.params, i, seeds_per),
-                _train_state_dict(_member_slice(state, i, seeds_per), None),
-                saved_config,
-                totals,
-            )
-            last_saved[i] = at_step
+        with interrupt.deferred():  # a Ctrl-C does not split the group's checkpoints
+            for i in alive():
+                save_member(i, at_step)
+
+    def save_member(i: int, at_step: int) -> None:
+        # a member ahead of the group's resume point already holds this step, written
+        # by the same program from the same state
+        if last_saved[i] == at_step or at_step in stores[i].all_steps():
+            return
+        m = members[i]
+        stores[i].save(
+            at_step,
+            _member_slice(state.params, i, seeds_per),
+            _train_state_dict(_member_slice(state, i, seeds_per), None),
+            {"task": m.run.task, "config": m.run.config_dict},
+            segments[i].totals(histories[i], len(compiled)),
+        )
+        last_saved[i] = at_step
 
     def crossed(before: int, after: int, every: int) -> bool:
         return after // every > before // every
