@@ -422,7 +422,10 @@ def run_agent(spec: dict, sweep_id: str, count: int | None, directory: Path, wan
     `wandb sweep`); a trial's workdir is DIR/<W&B run id> and its W&B run is the one
     the server created for it (so the sweep sees its metric). Returns 1 when every
     trial failed, else 0."""
-    import wandb as wandb_sdk
+    try:
+        import wandb as wandb_sdk
+    except ImportError:
+        raise UsageError("--agent needs the wandb package: pip install wandb") from None
     import yaml
 
     import train
@@ -452,8 +455,14 @@ def run_agent(spec: dict, sweep_id: str, count: int | None, directory: Path, wan
         codes.append(code)
         print(f"{run_id}: exit {code}", flush=True)
 
-    directory.mkdir(parents=True, exist_ok=True)
-    wandb_sdk.agent(sweep_id, function=trial, count=count)
+    try:
+        wandb_sdk.agent(sweep_id, function=trial, count=count)
+    except Exception as err:  # no login, no network, an unknown sweep: W&B's own errors
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(
+            f"--agent {sweep_id}: W&B could not run the agent ({first_line}); check the "
+            "sweep id and `wandb login`, or run the sweep offline without --agent"
+        ) from None
     return 1 if codes and all(codes) else 0
 
 
