@@ -275,3 +275,21 @@ def test_the_in_process_agent_runs_server_proposed_trials_as_their_server_runs(
         assert (workdir / "summary.json").exists()
         run = run_record(offline_runs(workdir)[0])
         assert run.run_id == run_id  # the server's run, not a new one
+
+
+def test_an_agent_that_cannot_start_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    import sweep
+    from tests.test_sweep import write_sweep
+
+    def no_login(*args, **kwargs):
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "agent", no_login)
+    spec = write_sweep(tmp_path / "s.yaml", {"hidden_size": {"values": [3]}})
+    out = tmp_path / "out"
+    assert sweep.main([str(spec), "--agent", "me/p/x", "--sweep_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "W&B could not run the agent (No API key" in err[0]
+    assert not out.exists()
