@@ -34,6 +34,7 @@ from pathlib import Path
 
 from experiment.config import build_config, tokenize
 from experiment.errors import UsageError
+from experiment.worker import PARENT_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 TRIAL_LOG = "trial.log"
@@ -110,14 +111,20 @@ def group_key(trial: Trial) -> str | None:
     return key_of(trial.task, module, cfg)
 
 
-def take_job(pending: list[Trial], pack: bool, trained: Collection[str] = ()) -> list[Trial]:
+def take_job(
+    pending: list[Trial],
+    pack: bool,
+    trained: Collection[str] = (),
+    key_of: Callable[[Trial], str | None] = group_key,
+) -> list[Trial]:
     """The next job: the first pending trial and, when packing, every pending trial of its
     group (up to training.packing.MAX_REPLICAS replicas). Trials in `trained` (their
-    packed training is done) run alone: their run only finishes."""
+    packed training is done) run alone: their run only finishes. `key_of`: group_key,
+    or a memo of it (a trial's key is asked for at every job while it waits)."""
     from training.packing import MAX_REPLICAS
 
     first = pending.pop(0)
-    key = group_key(first) if pack and first.id not in trained else None
+    key = key_of(first) if pack and first.id not in trained else None
     if key is None:
         return [first]
     seeds = int(first.options.get("num_seeds", 1))
@@ -125,7 +132,7 @@ def take_job(pending: list[Trial], pack: bool, trained: Collection[str] = ()) ->
     for trial in list(pending):
         if (len(job) + 1) * seeds > MAX_REPLICAS:
             break
-        if trial.id not in trained and group_key(trial) == key:
+        if trial.id not in trained and key_of(trial) == key:
             job.append(trial)
             pending.remove(trial)
     return job
@@ -138,7 +145,7 @@ class Worker:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        env["RNNAE_STUDY_PID"] = str(os.getpid())  # experiment.worker.PARENT_ENV
+        env[PARENT_ENV] = str(os.getpid())  # the worker ends when this process does
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as err:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
@@ -219,6 +226,13 @@ def run_trials(
     pool: list[Worker | None] = [None] * workers
     pending: list[Trial] = []
     trained: set[str] = set()  # trained packed; their own runs still to finish
+    keys: dict[str, str | None] = {}
+
+    def key_of(trial: Trial) -> str | None:
+        if trial.id not in keys:
+            keys[trial.id] = group_key(trial)
+        return keys[trial.id]
+
     exhausted = False
     cwd = Path.cwd()
     try:
@@ -230,7 +244,7 @@ def run_trials(
                     exhausted = not pending
                 if not pending:
                     break
-                job = take_job(pending, pack, trained)
+                job = take_job(pending, pack, trained, key_of)
                 worker = pool[i]
                 if worker is None:
                     worker = pool[i] = Worker(i, events, cwd, worker_log)

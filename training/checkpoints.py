@@ -109,6 +109,12 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(target, tree)
 
 
+def has_steps(directory: Path) -> bool:
+    """Whether a checkpoint directory holds any step, readable or not (a cheap look at
+    its names, without starting a checkpoint manager)."""
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 def recorded_configs(workdir: Path) -> list[tuple[Path, dict]]:
     """The run configs saved in a workdir's checkpoints: (file, {"task", "config"}) of the
     newest step with a readable config in every checkpoint directory (one per model).

@@ -43,7 +43,7 @@ from experiment.errors import RunFailed, UsageError
 from experiment.run import Run
 from experiment.workdir import BEST_DIR, checkpoints_dir
 from training import memory, sharding
-from training.checkpoints import Checkpoints
+from training.checkpoints import Checkpoints, has_steps
 from training.config import TrainConfig
 from training.optim import make_optimizer
 from training.progress import Progress
@@ -415,7 +415,7 @@ def fit(
     restoring = (
         mesh is None
         and not problem.select_metric
-        and _has_steps(checkpoints_dir(run.workdir, model))
+        and has_steps(checkpoints_dir(run.workdir, model))
     )
     graphdef, state = init_train_state(problem, tx, cfg, shapes_only=restoring)
     if not restoring:
@@ -560,11 +560,6 @@ def fit(
         stats,
         evaluate,  # the same compiled evaluator the loop used
     )
-
-
-def _has_steps(directory) -> bool:
-    """Whether a checkpoint directory holds any step (readable or not)."""
-    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 def _train_state_dict(state: TrainState, selector: _Selector | None) -> dict:

@@ -52,6 +52,7 @@ from training.config import TrainConfig
 from training.loop import (
     Problem,
     TrainState,
+    _crossed,
     _host_metrics,
     _scalar_view,
     _Segment,
@@ -157,8 +158,9 @@ def _member_slice(tree: Any, index: int, seeds_per: int) -> Any:
 
 def fit_packed(members: list[Member], desc: str = "packed") -> None:
     """Train `members` as replicas of one program, writing each one's checkpoints and
-    logs as its own `fit` would (see the module docstring). Resumes when every member
-    has checkpoints at the same step; raises PackingUnavailable when they cannot pack."""
+    logs as its own `fit` would (see the module docstring). Resumes from the newest
+    step every member's checkpoints hold; raises PackingUnavailable when they cannot
+    pack (then each trial's own run trains it)."""
     _check_compatible(members)
     lead = members[0]
     cfg, problem = lead.cfg, lead.problem
@@ -241,6 +243,9 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc) -> None:
     histories = [s.history for s in spent]
     segments = [_Segment(s) for s in spent]
     last_saved = [store.latest_step() for store in stores]
+    # steps a member already holds: one ahead of the group's resume point was written
+    # by the same program from the same state, and is not written again
+    held = [set(store.all_steps()) for store in stores]
     compiled: dict[int, Any] = {}
     pending: list[dict] = []
     progress = Progress(cfg.steps, start=step, desc=desc)
@@ -270,9 +275,7 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc) -> None:
                 save_member(i, at_step)
 
     def save_member(i: int, at_step: int) -> None:
-        # a member ahead of the group's resume point already holds this step, written
-        # by the same program from the same state
-        if last_saved[i] == at_step or at_step in stores[i].all_steps():
+        if last_saved[i] == at_step or at_step in held[i]:
             return
         m = members[i]
         stores[i].save(
@@ -283,9 +286,6 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc) -> None:
             segments[i].totals(histories[i], len(compiled)),
         )
         last_saved[i] = at_step
-
-    def crossed(before: int, after: int, every: int) -> bool:
-        return after // every > before // every
 
     try:
         while step < cfg.steps and alive():
@@ -304,7 +304,7 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc) -> None:
             pending.append(first_steps(metrics, k))
             before, step = step, step + k
             end = step >= cfg.steps
-            if crossed(before, step, cfg.log_every) or end:
+            if _crossed(before, step, cfg.log_every) or end:
                 guard()
                 host = _host_metrics(pending)
                 pending.clear()
@@ -313,14 +313,14 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc) -> None:
                 for i in alive():
                     view = _scalar_view(metrics_of(host, i), "train_")
                     members[i].run.log(step, dict(view, steps_per_second=rate))
-            if evaluate is not None and (crossed(before, step, cfg.eval_every) or end):
+            if evaluate is not None and (_crossed(before, step, cfg.eval_every) or end):
                 guard()
                 ev = {k: np.asarray(v) for k, v in evaluate(state.params, eval_data, hp).items()}
                 for i in alive():
                     mine = metrics_of(ev, i)
                     histories[i].append(dict(step=step, **{k: v.tolist() for k, v in mine.items()}))
                     members[i].run.log(step, _scalar_view(mine, "eval_"))
-            if crossed(before, step, cfg.checkpoint_every) or end:
+            if _crossed(before, step, cfg.checkpoint_every) or end:
                 guard()
                 save(step)
         guard()
