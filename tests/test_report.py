@@ -109,3 +109,10 @@ def test_quick_claims_are_counted_and_full_targets_not_judged(tiny_report):
         + confirmed
     )
     assert "probe accuracy (1 seed)" in text and "probe std" not in text  # quick: one seed
+
+
+def test_a_bad_worker_count_is_one_line_and_exit_2(tmp_path, capsys):
+    assert report.main(["--quick", f"--out={tmp_path / 'out'}", "--workers=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --workers=0: must be >= 1"]
+    assert not (tmp_path / "out").exists()  # refused before anything was written
