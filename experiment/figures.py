@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 
 @functools.cache
@@ -41,3 +42,55 @@ def plot_over_seeds(ax, steps, values, label: str, color: str, first_seed: int =
     for i in range(seeds):
         ax.semilogy(steps, values[:, i], color=color, lw=0.6, alpha=0.6,
                     label=f"{label}: seeds {first_seed}..{last}" if i == 0 else None)  # fmt: skip
+
+
+# What matplotlib's LogFormatterSciNotation writes: [-][COEFF\\times]BASE[^{EXPONENT}]
+_MATHTEXT_LOG_LABEL = re.compile(
+    r"\$\\mathdefault\{(-?)(?:([0-9.]+)\\times)?([0-9.]+)(?:\^\{(-?\d+)\})?\}\$"
+)
+# Superscripts for exponents; "-" becomes the superscript minus.
+_SUPERSCRIPT = str.maketrans("0123456789-", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻")
+
+
+def plain_log_label(label: str) -> str:
+    """A log axis's mathtext tick label as plain Unicode text: `$\\mathdefault{10^{-3}}$`
+    -> `10⁻³`, `$\\mathdefault{2\\times10^{-3}}$` -> `2×10⁻³`. A label of another form
+    is returned as it was."""
+    match = _MATHTEXT_LOG_LABEL.fullmatch(label)
+    if match is None:
+        return label
+    sign, coeff, base, exponent = match.groups()
+    text = f"{coeff}×{base}" if coeff else base
+    if exponent is not None:
+        text += exponent.translate(_SUPERSCRIPT)
+    return ("−" if sign else "") + text
+
+
+@functools.cache
+def _plain_log_formatter():
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    class PlainLogFormatter(LogFormatterSciNotation):
+        """matplotlib's log-axis labels (same ticks, same values), as plain text."""
+
+        def __call__(self, x, pos=None):
+            return plain_log_label(super().__call__(x, pos))
+
+    return PlainLogFormatter
+
+
+def plain_log_labels(fig) -> None:
+    """Give every log axis of `fig` plain-text tick labels (10⁻³) instead of mathtext.
+
+    They look the same, but matplotlib parses each mathtext label anew whenever its
+    small cache misses, which was over a third of the time a figure with log axes
+    took to save (BENCHMARKS.md). Formatters a plot set itself are left alone."""
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    plain = _plain_log_formatter()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            for formatter in (axis.get_major_formatter(), axis.get_minor_formatter()):
+                if type(formatter) is LogFormatterSciNotation:  # matplotlib's default
+                    # the same object and settings, only its labels' text changes
+                    formatter.__class__ = plain

@@ -74,10 +74,13 @@ class Run:
 
         import matplotlib.pyplot as plt
 
+        from experiment.figures import plain_log_labels
+
         path = self.workdir / f"{name}.png"
         if not self.primary:
             plt.close(fig)
             return path
+        plain_log_labels(fig)
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)

@@ -165,6 +165,13 @@ def training_problem(cfg: Config) -> tuple[Config, Problem]:
     return training_config(cfg, len(data.x_train)), make_problem(cfg, data)
 
 
+def eval_fn(model, d, hp):
+    """The clean reconstruction error (it does not depend on the corruption). Module-level,
+    so runs of one model structure in one process share its compiled program."""
+    del hp
+    return {"recon_mse": jnp.mean(jnp.square(model(d["x"]) - d["x"]))}
+
+
 def make_problem(cfg: Config, data: Data) -> Problem:
     dim = data.x_train.shape[1]
 
@@ -177,10 +184,6 @@ def make_problem(cfg: Config, data: Data) -> Problem:
         else:
             loss = errors.mean()
         return loss, {}
-
-    def eval_fn(model, d, hp):
-        del hp  # the clean reconstruction does not depend on the corruption
-        return {"recon_mse": jnp.mean(jnp.square(model(d["x"]) - d["x"]))}
 
     return Problem(
         make_model=lambda rngs: make_model(cfg, dim, rngs),

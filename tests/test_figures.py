@@ -7,6 +7,7 @@ figure is checked (tests/figure_check.py) just before it is saved.
 import pytest
 
 import train
+from experiment.figures import plain_log_label, plain_log_labels, pyplot
 from experiment.run import Run
 from tests.conftest import TINY_ARGS
 from tests.figure_check import problems
@@ -32,6 +33,7 @@ def checked_figures(monkeypatch) -> list[str]:
     original = Run.save_figure
 
     def save_figure(self, fig, name, step=None):
+        plain_log_labels(fig)  # what save_figure draws: the labels' final text
         found.extend(f"{name}.png: {p}" for p in problems(fig))
         return original(self, fig, name, step)
 
@@ -64,3 +66,47 @@ def test_surnames_figures_are_readable(tmp_path, monkeypatch, names_dir):
             f"--workdir={tmp_path}", "--wandb=disabled"]  # fmt: skip
     assert train.main(args) == 0
     assert found == []
+
+
+@pytest.mark.parametrize(
+    ("mathtext", "plain"),
+    [
+        (r"$\mathdefault{10^{-3}}$", "10⁻³"),
+        (r"$\mathdefault{10^{12}}$", "10¹²"),
+        (r"$\mathdefault{2\times10^{-3}}$", "2×10⁻³"),
+        (r"$\mathdefault{-10^{2}}$", "−10²"),
+        (r"$\mathdefault{0.1}$", "0.1"),
+        (r"$\mathdefault{0}$", "0"),
+        ("", ""),
+        (r"$\mathdefault{10^{2.50}}$", r"$\mathdefault{10^{2.50}}$"),  # not ours: kept
+        ("a label", "a label"),
+    ],
+)
+def test_a_log_tick_label_becomes_plain_text(mathtext, plain):
+    assert plain_log_label(mathtext) == plain
+
+
+@pytest.mark.parametrize("low, high", [(1e-6, 1e3), (2e-3, 8e-3)])  # decades; minor labels
+def test_log_axes_get_plain_labels_at_the_same_ticks(low, high):
+    plt = pyplot()
+    figures = []
+    for plain in (False, True):
+        fig, ax = plt.subplots()
+        ax.loglog([1, 2, 3], [low, (low * high) ** 0.5, high])
+        if plain:
+            plain_log_labels(fig)
+        fig.canvas.draw()
+        figures.append(fig)
+
+    def labels(fig):
+        ax = fig.axes[0]
+        ticks = ax.yaxis.get_major_ticks() + ax.yaxis.get_minor_ticks()
+        return [(t.get_loc(), t.label1.get_text()) for t in ticks]
+
+    default, plain = labels(figures[0]), labels(figures[1])
+    for fig in figures:
+        plt.close(fig)
+    assert [loc for loc, _ in default] == [loc for loc, _ in plain]
+    assert [plain_log_label(text) for _, text in default] == [text for _, text in plain]
+    shown = [text for _, text in plain if text]
+    assert shown and not any("$" in text for text in shown), shown

@@ -128,3 +128,47 @@ def test_non_finite_loss_stops_with_exit_1_and_keeps_good_checkpoints(tmp_path, 
         np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves((params, train_state))
     )
     assert f"the last good checkpoint (step {step}) is intact" in err
+
+
+def test_evaluation_of_one_model_structure_compiles_once_for_every_run():
+    """A module-level eval_fn is jitted once per structure (a study's worker reuses it);
+    the task's options enter as arguments, so each run still gets its own numbers."""
+    from flax import nnx
+
+    from training.loop import FitResult, jitted_eval, make_evaluator
+
+    results, programs = {}, []
+    for last_step_only in (False, True):
+        cfg = running_average.Config(num_train=64, num_eval=16, hidden_size=8, seq_len=6,
+                                     last_step_only=last_step_only)  # fmt: skip
+        problem = running_average.make_problem(cfg)
+        graphdef, state = init_train_state(problem, make_optimizer(cfg), cfg)
+        evaluate = make_evaluator(graphdef, problem, replicated=False)
+        results[last_step_only] = evaluate(state.params, problem.eval_data)
+        programs.append(jitted_eval(graphdef, running_average.eval_fn, None)._cache_size())
+        # the plain function of the same model, with the option as a Python bool
+        model = nnx.merge(graphdef, state.params)
+        expected = running_average.eval_fn(model, problem.eval_data, problem.hparams)
+        np.testing.assert_allclose(results[last_step_only]["loss"], expected["loss"], rtol=1e-6)
+    assert programs[1] == programs[0]  # the second run compiled nothing new
+    assert results[True]["loss"] != results[False]["loss"]
+    # a closure could capture anything: never shared
+    closure = lambda model, data: {"n": data["x"].shape[0]}  # noqa: E731
+    assert jitted_eval(graphdef, closure, None) is not jitted_eval(graphdef, closure, None)
+    # chunked evaluation (equal chunks: one shape) equals one pass
+    result = FitResult(graphdef, state.params, 1, [], {}, make_evaluator(graphdef, problem, False))
+    whole = result.evaluate(problem.train_data)
+    chunked = result.evaluate(problem.train_data, max_rows=20)  # 64 rows: chunks of 16
+    for key in whole:
+        np.testing.assert_allclose(chunked[key], whole[key], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("n", "max_rows", "size"),
+    [(10_000, 4096, 2500), (60_000, 4096, 4000), (8192, 4096, 4096), (100, 4096, 100),
+     (9973, 4096, 4096), (4097, 4096, 4096)],
+)  # fmt: skip
+def test_evaluation_chunks_have_one_size_where_a_divisor_allows(n, max_rows, size):
+    from training.loop import chunk_size
+
+    assert chunk_size(n, max_rows) == size

@@ -115,13 +115,26 @@ class FitResult:
         if self.eval_fn is None:
             raise ValueError("this problem has no eval_fn")
         n = jax.tree.leaves(data)[0].shape[0]
+        size = chunk_size(n, max_rows)
         totals: dict[str, np.ndarray] = {}
-        for start in range(0, n, max_rows):
-            rows = min(max_rows, n - start)
+        for start in range(0, n, size):
+            rows = min(size, n - start)
             part = jax.tree.map(lambda a, s=slice(start, start + rows): a[s], data)
             for k, v in self.eval_fn(self.params, part).items():
                 totals[k] = totals.get(k, 0.0) + np.asarray(v, dtype=np.float64) * rows
         return {k: v / n for k, v in totals.items()}
+
+
+def chunk_size(n: int, max_rows: int) -> int:
+    """Rows per evaluation chunk: the largest divisor of n up to max_rows when it is at
+    least half of it (every chunk then has one shape: one compilation, not two), else
+    max_rows."""
+    if n <= max_rows:
+        return n
+    for size in range(max_rows, max_rows // 2 - 1, -1):
+        if n % size == 0:
+            return size
+    return max_rows
 
 
 def default_steps_per_call(backend: str | None = None) -> int:
@@ -165,14 +178,16 @@ def init_replicas(
 
     init_all = jax.jit(jax.vmap(one) if replicated else one)
     seed_arg = jnp.asarray(seeds, jnp.int32) if replicated else jnp.int32(seeds[0])
-    lowered = init_all.lower(seed_arg)
+    # Shapes only: traced, not lowered (a resumed run restores into them).
+    lowered = None if shapes_only else init_all.lower(seed_arg)
+    shapes = jax.eval_shape(init_all, seed_arg) if lowered is None else lowered.out_info
     # Shapes are known now and nothing is allocated yet: refuse a size that cannot fit.
     memory.require(
-        memory.STEP_STATE_COPIES * memory.tree_bytes(lowered.out_info),
+        memory.STEP_STATE_COPIES * memory.tree_bytes(shapes),
         "training the model (parameters, optimizer state, gradients)",
     )
-    if shapes_only:
-        return graphdef, jax.eval_shape(init_all, seed_arg)
+    if lowered is None:
+        return graphdef, shapes
     # Runs once: cheap XLA optimisation cuts its compile time by a third.
     options = {"xla_backend_optimization_level": 0}
     return graphdef, lowered.compile(options)(seed_arg)  # type: ignore[arg-type]
@@ -311,17 +326,38 @@ def first_steps(metrics, k: int):
 
 
 def make_evaluator(graphdef, problem: Problem, replicated: bool):
-    """Jitted eval_fn(params, data), vmapped over replicas when there are several."""
+    """evaluate(params, data): the problem's jitted eval_fn (vmapped over replicas when
+    there are several), its hparams passed as arguments."""
     if problem.eval_fn is None:
         return None
-    eval_fn = problem.eval_fn
+    extra = task_args(problem)
+    in_axes = (0, None, *[None] * len(extra)) if replicated else None
+    jitted = jitted_eval(graphdef, problem.eval_fn, in_axes)
+    return lambda params, data: jitted(params, data, *extra)
 
-    def evaluate(params, data):
-        return eval_fn(nnx.merge(graphdef, params), data, *task_args(problem))
 
-    if replicated:
-        evaluate = jax.vmap(evaluate, in_axes=(0, None))
-    return jax.jit(evaluate)
+def jitted_eval(graphdef, eval_fn, in_axes: tuple | None):
+    """jit(eval_fn(merge(graphdef, params), data, *hp)), vmapped with `in_axes` if given.
+
+    Memoised when eval_fn is a module-level function (it then depends on its arguments
+    only; the task's numeric options come in as `hp`): trials of one model structure
+    run one after another in one process, e.g. a study's worker, compile their
+    evaluation once instead of once each. A closure is jitted afresh (its captured
+    values could differ)."""
+    if getattr(eval_fn, "__closure__", True) is None and "<locals>" not in eval_fn.__qualname__:
+        return _memoised_eval(graphdef, eval_fn, in_axes)
+    return _build_eval(graphdef, eval_fn, in_axes)
+
+
+def _build_eval(graphdef, eval_fn, in_axes):
+    def evaluate(params, data, *hp):
+        return eval_fn(nnx.merge(graphdef, params), data, *hp)
+
+    return jax.jit(evaluate if in_axes is None else jax.vmap(evaluate, in_axes=in_axes))
+
+
+# A study's worker runs a few model structures; each entry is one jitted function.
+_memoised_eval = functools.lru_cache(maxsize=32)(_build_eval)
 
 
 class _Selector:

@@ -40,7 +40,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from experiment import interrupt
 from experiment.config import to_dict
@@ -62,6 +61,7 @@ from training.loop import (
     default_steps_per_call,
     first_steps,
     init_replicas,
+    jitted_eval,
     make_train_step,
     scan_steps,
     task_args,
@@ -231,12 +231,8 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc) -> None:
     chunk = jax.jit(jax.vmap(chunk_fn, in_axes=(0, None, 0, None, 0)), donate_argnums=(0,))
     evaluate = None
     if problem.eval_fn is not None:
-        eval_fn = problem.eval_fn
-
-        def one_eval(params, data, values):
-            return eval_fn(nnx.merge(graphdef, params), data, *task_args(problem, values))
-
-        evaluate = jax.jit(jax.vmap(one_eval, in_axes=(0, None, 0)))
+        hp_axes = (0,) if problem.hparams else ()  # per-replica values, when it takes any
+        evaluate = jitted_eval(graphdef, problem.eval_fn, (0, None, *hp_axes))
 
     step = int(jax.device_get(state.step).max())
     steps_per_call = cfg.steps_per_call or default_steps_per_call()
@@ -315,7 +311,8 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc) -> None:
                     members[i].run.log(step, dict(view, steps_per_second=rate))
             if evaluate is not None and (_crossed(before, step, cfg.eval_every) or end):
                 guard()
-                ev = {k: np.asarray(v) for k, v in evaluate(state.params, eval_data, hp).items()}
+                values = evaluate(state.params, eval_data, *task_args(problem, hp))
+                ev = {k: np.asarray(v) for k, v in values.items()}
                 for i in alive():
                     mine = metrics_of(ev, i)
                     histories[i].append(dict(step=step, **{k: v.tolist() for k, v in mine.items()}))
