@@ -26,6 +26,7 @@ exp(-4 lambda lr t).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax.numpy as jnp
@@ -232,16 +233,23 @@ PACKABLE: tuple[str, ...] = ()
 
 
 def load_centred(cfg: Config) -> tuple[np.ndarray, Spectrum]:
-    """(centred training data, its spectrum)."""
+    """(centred training data, its spectrum), read-only: runs with the same data options
+    in one process (a study's trials in a worker) share one load and decomposition."""
+    return _load_centred(cfg.dataset, cfg.mnist_dir, cfg.data_dir, cfg.num_train, cfg.data_seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_centred(
+    dataset: str, mnist_dir: str | None, data_dir: str | None, num_train: int, data_seed: int
+) -> tuple[np.ndarray, Spectrum]:
     data = datasets.load(
-        cfg.dataset,
-        mnist_dir=cfg.mnist_dir,
-        data_dir=cfg.data_dir,
-        num_train=cfg.num_train,
-        data_seed=cfg.data_seed,
+        dataset, mnist_dir=mnist_dir, data_dir=data_dir, num_train=num_train, data_seed=data_seed
     )
     spec = spectrum(data.x_train)
-    return data.x_train - spec.mean, spec
+    x_centred = data.x_train - spec.mean
+    for array in (x_centred, *dataclasses.astuple(spec)):
+        array.flags.writeable = False  # shared: nobody may change it in place
+    return x_centred, spec
 
 
 def training_problem(cfg: Config) -> tuple[Config, Problem]:
@@ -275,7 +283,9 @@ def plot_training(cfg: Config, run: Run, history: list) -> None:
     plt = pyplot()
 
     steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
+    # layout "tight": room for each panel's y label beside its neighbour, made when the
+    # figure is saved (with its final tick labels)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.5), layout="tight")
     for ax, key, label in zip(
         axes,
         ("subspace_distance", "orthonormality_error", "imbalance"),
@@ -292,7 +302,6 @@ def plot_training(cfg: Config, run: Run, history: list) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel(label)
     fig.suptitle(f"linear AE, k={cfg.latent_dim}, {cfg.optimizer}, lambda={cfg.weight_decay:g}")
-    fig.tight_layout()  # room for each panel's y label beside its neighbour
     run.save_figure(fig, "training")
 
 
