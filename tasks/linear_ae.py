@@ -247,7 +247,7 @@ def _load_centred(
     )
     spec = spectrum(data.x_train)
     x_centred = data.x_train - spec.mean
-    for array in (x_centred, *dataclasses.astuple(spec)):
+    for array in (x_centred, *vars(spec).values()):
         array.flags.writeable = False  # shared: nobody may change it in place
     return x_centred, spec
 

@@ -137,3 +137,18 @@ def test_diverging_learning_rate_fails_with_the_summed_objective_hint(train_cli,
     )
     assert code == 1
     assert "non-finite loss" in err and "sums the squared error over all coordinates" in err
+
+
+def test_runs_with_the_same_data_share_one_read_only_load():
+    """A study's trials in one worker load and decompose the data once; the shared arrays
+    cannot be changed in place by one run under another."""
+    cfg = linear_ae.Config(num_train=300)
+    x, spec = linear_ae.load_centred(cfg)
+    again, spec_again = linear_ae.load_centred(linear_ae.Config(num_train=300, weight_decay=0.1))
+    assert again is x and spec_again is spec
+    for array in (x, spec.mean, spec.basis, spec.eigenvalues, spec.covariance):
+        with pytest.raises(ValueError, match="read-only"):
+            array[...] = 0
+    other, _ = linear_ae.load_centred(linear_ae.Config(num_train=300, data_seed=1))
+    assert other is not x and not np.array_equal(other, x)
+    np.testing.assert_allclose(x.mean(axis=0), 0, atol=1e-6)  # centred
