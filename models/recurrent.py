@@ -118,24 +118,29 @@ class Recurrent(nnx.Module):
         time_major: bool = False,
         perturb_h: jax.Array | None = None,
         perturb_c: jax.Array | None = None,
+        activation: str | jax.Array | None = None,
     ) -> RecurrentOutput:
         """Run over a sequence x (B, T, D) (or (T, B, D) with time_major).
 
         mask: booleans in the same batch/time layout as x's first two axes; padded
         steps hold the state and their outputs repeat the last valid state.
         perturb_h / perturb_c: additive state perturbations (for reading dL/dh_t).
+        activation: this call's RNN activation instead of the layer's own: a name, or a
+        traced index into ops.ACTIVATION_NAMES (replicas with different activations
+        packed into one program). LSTM and GRU cells have none and ignore it.
         """
         xs = x if time_major else jnp.swapaxes(x, 0, 1)
         mask_TxB = None if mask is None else (mask if time_major else mask.T)
         state = initial_state or self.zero_state(xs.shape[1], xs.dtype)
-        hs, cs = self._run_time_major(xs, state, mask_TxB, perturb_h, perturb_c)
+        activation = self.activation if activation is None else activation
+        hs, cs = self._run_time_major(xs, state, mask_TxB, perturb_h, perturb_c, activation)
         final = (hs[-1],) if cs is None else (hs[-1], cs[-1])
         if not time_major:
             hs = jnp.swapaxes(hs, 0, 1)
             cs = None if cs is None else jnp.swapaxes(cs, 0, 1)
         return RecurrentOutput(hs, cs, final)
 
-    def _run_time_major(self, xs, state, mask, perturb_h, perturb_c):
+    def _run_time_major(self, xs, state, mask, perturb_h, perturb_c, activation):
         weights = (self.w_x[...], self.w_h[...], self.b[...])
         common = dict(impl=self.impl, hoist=self.hoist_input, unroll=self.unroll)
         if self.cell == "rnn":
@@ -144,7 +149,7 @@ class Recurrent(nnx.Module):
                 xs,
                 state[0],
                 mask,
-                activation=self.activation,
+                activation=activation,
                 residual=self.residual,
                 perturb_TxBxH=perturb_h,
                 **common,
@@ -186,8 +191,10 @@ class StackedRecurrent(nnx.Module):
         time_major: bool = False,
         perturb_h: list[jax.Array] | None = None,
         perturb_c: list[jax.Array] | None = None,
+        activation: str | jax.Array | None = None,
     ) -> list[RecurrentOutput]:
-        """Outputs of every layer (time-major inside; returned in x's layout)."""
+        """Outputs of every layer (time-major inside; returned in x's layout).
+        activation: every layer's, for this call (Recurrent.__call__)."""
         h = x if time_major else jnp.swapaxes(x, 0, 1)
         mask_TxB = None if mask is None else (mask if time_major else mask.T)
         outputs = []
@@ -199,6 +206,7 @@ class StackedRecurrent(nnx.Module):
                 time_major=True,
                 perturb_h=None if perturb_h is None else perturb_h[index],
                 perturb_c=None if perturb_c is None else perturb_c[index],
+                activation=activation,
             )
             outputs.append(out)
             h = out.hs
@@ -230,17 +238,29 @@ class SequenceRegressor(nnx.Module):
         self.rnn = StackedRecurrent(in_features, hidden_size, num_layers, rngs=rngs, **layer_kw)
         self.head = uniform_linear(hidden_size, out_features, rngs)
 
-    def __call__(self, x_BxTxD: jax.Array, mask_BxT: jax.Array | None = None, **perturbations):
-        """Predictions (B, T, out_features) for every timestep."""
-        return self.predict_with_states(x_BxTxD, mask_BxT, **perturbations)[0]
+    def __call__(
+        self,
+        x_BxTxD: jax.Array,
+        mask_BxT: jax.Array | None = None,
+        *,
+        activation: str | jax.Array | None = None,
+        **perturbations,
+    ):
+        """Predictions (B, T, out_features) for every timestep.
+        activation: the RNN layers' activation for this call (Recurrent.__call__)."""
+        return self.predict_with_states(x_BxTxD, mask_BxT, activation=activation, **perturbations)[
+            0
+        ]
 
-    def predict_with_states(self, x_BxTxD, mask_BxT=None, **perturbations):
+    def predict_with_states(self, x_BxTxD, mask_BxT=None, *, activation=None, **perturbations):
         """(predictions (B, T, O), every layer's outputs time-major): for gradient-flow studies.
 
         Perturbations, if given, are per-layer lists of time-major (T, B, H) arrays.
         """
         xs_TxBxD = jnp.swapaxes(x_BxTxD, 0, 1)
         mask_TxB = None if mask_BxT is None else mask_BxT.T
-        outputs = self.rnn(xs_TxBxD, mask=mask_TxB, time_major=True, **perturbations)
+        outputs = self.rnn(
+            xs_TxBxD, mask=mask_TxB, time_major=True, activation=activation, **perturbations
+        )
         y_TxBxO = self.head(outputs[-1].hs)
         return jnp.swapaxes(y_TxBxO, 0, 1), outputs

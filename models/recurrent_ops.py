@@ -52,6 +52,36 @@ ACTIVATION_TABLE: dict[str, Activation] = {
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     name: a.fn for name, a in ACTIVATION_TABLE.items()
 }
+# A traced activation is an index into this tuple (see `activation_of`).
+ACTIVATION_NAMES: tuple[str, ...] = tuple(ACTIVATION_TABLE)
+
+
+def activation_of(activation: str | jax.Array) -> Activation:
+    """The Activation named, or for an array, the one at that index of ACTIVATION_NAMES.
+
+    An array (a traced scalar) lets replicas with different activations share one
+    compiled program (training.packing): every candidate is computed and the chosen
+    one's value kept (a select, not a branch, so it vectorises under vmap); the values
+    equal the named activation's."""
+    if isinstance(activation, str):
+        if activation not in ACTIVATION_TABLE:
+            raise ValueError(
+                f"unknown activation {activation!r}; expected one of {ACTIVATION_NAMES}"
+            )
+        return ACTIVATION_TABLE[activation]
+    index = activation
+
+    def pick(candidates: list[jax.Array]) -> jax.Array:
+        chosen = candidates[-1]
+        for i in range(len(candidates) - 2, -1, -1):
+            chosen = jnp.where(index == i, candidates[i], chosen)
+        return chosen
+
+    table = ACTIVATION_TABLE.values()
+    return Activation(
+        lambda z: pick([a.fn(z) for a in table]),
+        lambda y: pick([a.grad_from_output(y) for a in table]),
+    )
 
 
 def activation_grad_from_output(activation: str, y: jax.Array) -> jax.Array:
@@ -128,14 +158,15 @@ def _rnn_forward(
     mask,
     perturb,
     *,
-    activation: str,
+    activation: str | jax.Array,
     hoist: bool,
     residual=False,
     unroll=1,
     keep_updates=False,
 ):
-    """hs (T, B, H); with keep_updates also act(z_t) for every step: (hs, updates)."""
-    act = ACTIVATIONS[activation]
+    """hs (T, B, H); with keep_updates also act(z_t) for every step: (hs, updates).
+    activation: a name, or a traced index into ACTIVATION_NAMES (`activation_of`)."""
+    act = activation_of(activation).fn
 
     def step(h, per_step):
         inp, m, p = per_step
@@ -153,7 +184,7 @@ def _rnn_forward(
 class RNNOptions(NamedTuple):
     """The static (non-differentiable) settings of a fused RNN: one hashable argument."""
 
-    activation: str
+    activation: str | None  # None: a traced index, passed to _rnn_fused as `act_index`
     hoist: bool
     residual: bool
     unroll: int
@@ -169,33 +200,43 @@ class RNNResiduals(NamedTuple):
     mask: jax.Array | None  # (T, B) bool
     hs: jax.Array  # (T, B, H): h_1..h_T
     updates: jax.Array | None  # (T, B, H): act(z_t), residual RNN only
+    act_index: jax.Array | None  # the traced activation, when options.activation is None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _rnn_fused(w_x, w_h, b, xs, h0, mask, options: RNNOptions):
-    return _rnn_forward(w_x, w_h, b, xs, h0, mask, None, **options._asdict())
+def _forward_options(options: RNNOptions, act_index) -> dict:
+    """_rnn_forward's keyword arguments: the options, with the traced activation if any."""
+    kw = options._asdict()
+    if options.activation is None:
+        kw["activation"] = act_index
+    return kw
 
 
-def _rnn_fused_fwd(w_x, w_h, b, xs, h0, mask, options: RNNOptions):
-    w_x, w_h, b, xs, h0, mask = _values(w_x, w_h, b, xs, h0, mask)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _rnn_fused(w_x, w_h, b, xs, h0, mask, act_index, options: RNNOptions):
+    return _rnn_forward(w_x, w_h, b, xs, h0, mask, None, **_forward_options(options, act_index))
+
+
+def _rnn_fused_fwd(w_x, w_h, b, xs, h0, mask, act_index, options: RNNOptions):
+    w_x, w_h, b, xs, h0, mask, act_index = _values(w_x, w_h, b, xs, h0, mask, act_index)
+    kw = _forward_options(options, act_index)
     if options.residual:
         # act(z_t) is stored: rebuilding it as h_t - h_{t-1} cancels catastrophically
         # once |h| >> |act(z)| (relative error 1.8e4 in bfloat16 at T = 300, against
         # autodiff's 0.15; tests/test_precision.py)
-        hs, updates = _rnn_forward(
-            w_x, w_h, b, xs, h0, mask, None, keep_updates=True, **options._asdict()
-        )
+        hs, updates = _rnn_forward(w_x, w_h, b, xs, h0, mask, None, keep_updates=True, **kw)
     else:
         # without the skip, h_t itself is act(z_t) wherever the step is not padding
-        hs = _rnn_forward(w_x, w_h, b, xs, h0, mask, None, **options._asdict())
+        hs = _rnn_forward(w_x, w_h, b, xs, h0, mask, None, **kw)
         updates = None
-    return hs, RNNResiduals(w_x, w_h, xs, h0, mask, hs, updates)
+    return hs, RNNResiduals(w_x, w_h, xs, h0, mask, hs, updates, act_index)
 
 
 def _rnn_fused_bwd(options: RNNOptions, saved: RNNResiduals, g_hs):
     """Reverse scan over t = T..1 carrying dL/dh_t (B, H) and the weight gradients."""
     w_h_T = saved.w_h.T
-    act_grad = ACTIVATION_TABLE[options.activation].grad_from_output
+    act_grad = activation_of(
+        _forward_options(options, saved.act_index)["activation"]
+    ).grad_from_output
 
     def step(carry, t):
         dh_next, grads = carry
@@ -222,7 +263,7 @@ def _rnn_fused_bwd(options: RNNOptions, saved: RNNResiduals, g_hs):
     (dh0, (d_w_x, d_w_h, d_b)), d_xs = lax.scan(
         step, init, steps, reverse=True, unroll=options.unroll
     )
-    return d_w_x, d_w_h, d_b, d_xs, dh0, None  # the mask gets no gradient
+    return d_w_x, d_w_h, d_b, d_xs, dh0, None, None  # no gradient: the mask, the activation
 
 
 _rnn_fused.defvjp(_rnn_fused_fwd, _rnn_fused_bwd, symbolic_zeros=True)
@@ -236,7 +277,7 @@ def rnn_scan(
     h0_BxH,
     mask_TxB=None,
     *,
-    activation: str = "tanh",
+    activation: str | jax.Array = "tanh",
     impl: str = "fused",
     hoist: bool = False,
     residual: bool = False,
@@ -245,13 +286,17 @@ def rnn_scan(
 ):
     """All hidden states h_1..h_T of h_t = act(x_t W_x + h_{t-1} W_h + b), shape (T, B, H).
 
+    activation: a name, or a traced index into ACTIVATION_NAMES (`activation_of`).
     residual=True adds a skip connection: h_t = act(...) + h_{t-1}.
     `perturb_TxBxH` (scan impl only) is added to each h_t inside the recurrence;
     the gradient of a loss with respect to it at zero is dL/dh_t.
     """
     if impl == "fused" and perturb_TxBxH is None:
-        options = RNNOptions(activation, hoist, residual, unroll)
-        return _rnn_fused(w_x_DxH, w_h_HxH, b_H, xs_TxBxD, h0_BxH, mask_TxB, options)
+        if isinstance(activation, str):
+            options, act_index = RNNOptions(activation, hoist, residual, unroll), None
+        else:
+            options, act_index = RNNOptions(None, hoist, residual, unroll), jnp.asarray(activation)
+        return _rnn_fused(w_x_DxH, w_h_HxH, b_H, xs_TxBxD, h0_BxH, mask_TxB, act_index, options)
     if impl not in ("fused", "scan"):
         raise ValueError(f"unknown impl {impl!r}; expected 'fused' or 'scan'")
     return _rnn_forward(

@@ -51,9 +51,39 @@ def test_residual_rnn_outputs_and_gradients_match_numpy_bptt(activation, impl, m
     check_rnn_against_numpy(activation, impl, False, masked, residual=True)
 
 
-def check_rnn_against_numpy(activation, impl, hoist, masked, residual):
+@pytest.mark.parametrize("activation", ["tanh", "relu", "identity"])
+@pytest.mark.parametrize("impl", ["fused", "scan"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_an_activation_given_as_an_index_matches_numpy_bptt(activation, impl, residual):
+    """The form packed trials use (an array indexing ACTIVATION_NAMES): the same values
+    and gradients as the activation by name."""
+    check_rnn_against_numpy(activation, impl, False, True, residual=residual, as_index=True)
+
+
+@pytest.mark.parametrize("impl", ["fused", "scan"])
+def test_replicas_with_different_activations_share_one_vmapped_program(impl):
+    w_x, w_h, b, x, h0, _, mask = random_case(1)
+    g_hs = jnp.asarray(np.random.default_rng(1).normal(size=(T, B, H)))
+
+    def loss(activation, w_x, w_h):
+        hs = ops.rnn_scan(w_x, w_h, b, time_major(x), h0, time_major(mask),
+                          activation=activation, impl=impl)  # fmt: skip
+        return jnp.sum(hs * g_hs)
+
+    indices = jnp.arange(len(ops.ACTIVATION_NAMES), dtype=jnp.float32)  # as packing passes them
+    packed = jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=(1, 2)), in_axes=(0, None, None)))
+    values, grads = packed(indices, w_x, w_h)
+    for i, name in enumerate(ops.ACTIVATION_NAMES):
+        value, (g_x, g_h) = jax.value_and_grad(loss, argnums=(1, 2))(name, w_x, w_h)
+        np.testing.assert_allclose(values[i], value, rtol=1e-12, err_msg=name)
+        np.testing.assert_allclose(grads[0][i], g_x, rtol=1e-10, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(grads[1][i], g_h, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def check_rnn_against_numpy(activation, impl, hoist, masked, residual, as_index=False):
     w_x, w_h, b, x, h0, _, mask = random_case(1, masked=masked)
     g_hs = np.random.default_rng(1).normal(size=(B, T, H))
+    given = jnp.asarray(ops.ACTIVATION_NAMES.index(activation)) if as_index else activation
 
     def f(w_x, w_h, b, x, h0):
         hs = ops.rnn_scan(
@@ -63,7 +93,7 @@ def check_rnn_against_numpy(activation, impl, hoist, masked, residual):
             time_major(x),
             h0,
             time_major(mask) if masked else None,
-            activation=activation,
+            activation=given,
             impl=impl,
             hoist=hoist,
             residual=residual,
