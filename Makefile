@@ -45,6 +45,7 @@ bench-torch: $(STAMP)
 	.bench-venv/bin/python -m pip install --quiet -c constraints.txt -e . torch==2.13.0
 	.bench-venv/bin/python benchmarks/recurrent_layers.py
 	.bench-venv/bin/python benchmarks/time_to_target.py
+	.bench-venv/bin/python benchmarks/study_executor.py --grids rnn_activation --modes process,in-process,packed,packed-2w,torch
 
 clean:
 	rm -rf $(VENV) .bench-venv .pytest_cache .ruff_cache

@@ -11,6 +11,8 @@ machine, each with a cold JAX compilation cache of its own:
              packing off)
   packed     the same worker, compatible trials packed into one program
   packed-2w  packed, with two workers (the 2-core machine's other core)
+  torch      (rnn_activation only, with --modes ...,torch) a plain PyTorch script per
+             trial, benchmarks/torch_trial.py in the .bench-venv (`make bench-torch`)
 
 Printed per mode: wall seconds, speed-up over `process`, the share of wall time
 spent training (each packed group's training counted once), and the largest
@@ -88,6 +90,21 @@ def run_processes(trials: list[Trial]) -> list[list[Trial]]:
     return [[t] for t in trials]
 
 
+TORCH_PYTHON = REPO / ".bench-venv" / "bin" / "python"
+
+
+def run_torch(trials: list[Trial]) -> list[list[Trial]]:
+    """Each trial as `benchmarks/torch_trial.py` (rnn_activation's options), one at a time."""
+    for trial in trials:
+        trial.workdir.mkdir(parents=True)
+        options = [f"--{k}={v}" for k, v in trial.options.items()]
+        with open(trial.log, "wb") as log:
+            subprocess.run([str(TORCH_PYTHON), str(REPO / "benchmarks" / "torch_trial.py"),
+                            f"--workdir={trial.workdir}", *options],
+                           stdout=log, stderr=subprocess.STDOUT, check=True)  # fmt: skip
+    return [[t] for t in trials]
+
+
 def run_executor(trials: list[Trial], pack: bool, workers: int) -> list[list[Trial]]:
     jobs: list[list[Trial]] = []
     failed: list[Result] = []
@@ -116,6 +133,8 @@ def measure(name: str, mode: str, scratch: Path) -> dict:
     start = time.perf_counter()
     if mode == "process":
         jobs = run_processes(trials)
+    elif mode == "torch":
+        jobs = run_torch(trials)
     else:
         jobs = run_executor(
             trials, pack=mode.startswith("packed"), workers=2 if mode == "packed-2w" else 1
@@ -142,7 +161,9 @@ def main() -> None:
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, {threads}")
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.grids.split(","):
-            results = {m: measure(name, m, Path(scratch)) for m in args.modes.split(",")}
+            torch_ok = name == "rnn_activation" and TORCH_PYTHON.exists()
+            modes = [m for m in args.modes.split(",") if m != "torch" or torch_ok]
+            results = {m: measure(name, m, Path(scratch)) for m in modes}
             base = results.get("process")
             print(f"\n{name}: {len(next(iter(results.values()))['metrics'])} trials")
             print("| mode | programs | wall s | speed-up | training share | "
@@ -150,7 +171,8 @@ def main() -> None:
             print("| --- | --- | --- | --- | --- | --- |")
             for mode, r in results.items():
                 speedup = f"{base['wall'] / r['wall']:.2f}x" if base else "n/a"
-                reference = base["metrics"] if base else {}
+                # a PyTorch trial starts from its own initialisation: no metric to compare
+                reference = base["metrics"] if base and mode != "torch" else {}
                 diffs = [abs(r["metrics"][k] - v) / max(abs(v), 1e-30)
                          for k, v in reference.items()] or [float("nan")]  # fmt: skip
                 share = 100 * r["training"] / r["wall"]

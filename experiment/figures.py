@@ -83,8 +83,8 @@ def plain_log_labels(fig) -> None:
     """Give every log axis of `fig` plain-text tick labels (10⁻³) instead of mathtext.
 
     They look the same, but matplotlib parses each mathtext label anew whenever its
-    small cache misses, which was over a third of the time a figure with log axes
-    took to save (BENCHMARKS.md). Formatters a plot set itself are left alone."""
+    small cache misses: about half of the linear autoencoder's figure time
+    (BENCHMARKS.md, "Whole studies"). Formatters a plot set itself are left alone."""
     from matplotlib.ticker import LogFormatterSciNotation
 
     plain = _plain_log_formatter()

@@ -9,8 +9,9 @@ differs between them enters the step as per-replica arrays:
 * the optimizer's scalars: `learning_rate` and `weight_decay` (the optax chain is built
   inside the vmapped step from the replica's values, training.optim.make_optimizer);
 * the task's numeric options that enter the loss (`Problem.hparams`, listed by the
-  task module as PACKABLE), e.g. the denoising noise level or the last-step-only
-  loss as a 0/1 weight.
+  task module as PACKABLE), e.g. the denoising noise level, the last-step-only
+  loss as a 0/1 weight, or the RNN's activation as an index (every candidate
+  computed, the chosen one kept).
 
 Every trial keeps its own workdir: `fit_packed` writes each trial's checkpoints
 (parameters, optimizer state, evaluation history and timings) exactly where and as
