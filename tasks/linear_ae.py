@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Literal
 
 import jax.numpy as jnp
@@ -234,13 +235,34 @@ PACKABLE: tuple[str, ...] = ()
 
 def load_centred(cfg: Config) -> tuple[np.ndarray, Spectrum]:
     """(centred training data, its spectrum), read-only: runs with the same data options
-    in one process (a study's trials in a worker) share one load and decomposition."""
-    return _load_centred(cfg.dataset, cfg.mnist_dir, cfg.data_dir, cfg.num_train, cfg.data_seed)
+    in one process (a study's trials in a worker) share one load and decomposition,
+    unless the files of --mnist_dir changed in between."""
+    files = files_state(cfg.mnist_dir) if cfg.dataset == "mnist" else ()
+    return _load_centred(
+        cfg.dataset, cfg.mnist_dir, cfg.data_dir, cfg.num_train, cfg.data_seed, files
+    )
+
+
+def files_state(directory: str | None) -> tuple:
+    """(name, size, mtime) of each file in `directory`; () when there is none to read
+    (the load itself then says what is wrong)."""
+    if directory is None:
+        return ()
+    try:
+        entries = [e for e in os.scandir(directory) if e.is_file()]
+        return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries))
+    except OSError:
+        return ()
 
 
 @functools.lru_cache(maxsize=4)
 def _load_centred(
-    dataset: str, mnist_dir: str | None, data_dir: str | None, num_train: int, data_seed: int
+    dataset: str,
+    mnist_dir: str | None,
+    data_dir: str | None,
+    num_train: int,
+    data_seed: int,
+    files: tuple,  # files_state(mnist_dir): part of the cache key only
 ) -> tuple[np.ndarray, Spectrum]:
     data = datasets.load(
         dataset, mnist_dir=mnist_dir, data_dir=data_dir, num_train=num_train, data_seed=data_seed

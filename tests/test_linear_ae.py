@@ -152,3 +152,12 @@ def test_runs_with_the_same_data_share_one_read_only_load():
     other, _ = linear_ae.load_centred(linear_ae.Config(num_train=300, data_seed=1))
     assert other is not x and not np.array_equal(other, x)
     np.testing.assert_allclose(x.mean(axis=0), 0, atol=1e-6)  # centred
+
+
+def test_a_changed_data_file_is_not_served_from_the_shared_load(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"first")
+    before = linear_ae.files_state(str(tmp_path))
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"second copy")
+    assert linear_ae.files_state(str(tmp_path)) != before  # a new cache key: loaded anew
+    assert linear_ae.files_state(str(tmp_path / "missing")) == ()
+    assert linear_ae.files_state(None) == ()
