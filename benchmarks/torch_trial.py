@@ -9,9 +9,10 @@ The same data (data.running_average, the task's seeds), model sizes (hidden 32),
 batch (64), Adam at 1e-2 with a cosine decay to 0, loss (all steps or the last),
 one evaluation on the held-out set every 500 steps and at the end, and the same
 work products as a trial: summary.json and the three figures of the task
-(predictions, error by step, evaluation curve). One thread, as a script per trial
-on a shared machine would be run. torch.nn.RNN has no identity activation: that
-one is a Python loop over the time steps, as a user would write it.
+(predictions, error by step, evaluation curve). One thread by default (--threads),
+as a script per trial on a shared machine would be run. torch.nn.RNN has no
+identity activation: that one is a Python loop over the time steps, as a user
+would write it.
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ def main() -> None:
     parser.add_argument("--last_step_only", default="false", choices=["true", "false"])
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     last_only = args.last_step_only == "true"
     train = {k: torch.from_numpy(v) for k, v in
