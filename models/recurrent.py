@@ -248,9 +248,10 @@ class SequenceRegressor(nnx.Module):
     ):
         """Predictions (B, T, out_features) for every timestep.
         activation: the RNN layers' activation for this call (Recurrent.__call__)."""
-        return self.predict_with_states(x_BxTxD, mask_BxT, activation=activation, **perturbations)[
-            0
-        ]
+        predictions, _ = self.predict_with_states(
+            x_BxTxD, mask_BxT, activation=activation, **perturbations
+        )
+        return predictions
 
     def predict_with_states(self, x_BxTxD, mask_BxT=None, *, activation=None, **perturbations):
         """(predictions (B, T, O), every layer's outputs time-major): for gradient-flow studies.

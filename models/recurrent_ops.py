@@ -49,9 +49,6 @@ ACTIVATION_TABLE: dict[str, Activation] = {
     "relu": Activation(jax.nn.relu, lambda y: (y > 0).astype(y.dtype)),  # 1 where z > 0
     "identity": Activation(lambda z: z, jnp.ones_like),
 }
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    name: a.fn for name, a in ACTIVATION_TABLE.items()
-}
 # A traced activation is an index into this tuple (see `activation_of`).
 ACTIVATION_NAMES: tuple[str, ...] = tuple(ACTIVATION_TABLE)
 
@@ -82,13 +79,6 @@ def activation_of(activation: str | jax.Array) -> Activation:
         lambda z: pick([a.fn(z) for a in table]),
         lambda y: pick([a.grad_from_output(y) for a in table]),
     )
-
-
-def activation_grad_from_output(activation: str, y: jax.Array) -> jax.Array:
-    """act'(z) written in terms of y = act(z)."""
-    if activation not in ACTIVATION_TABLE:
-        raise ValueError(f"unknown activation {activation!r}")
-    return ACTIVATION_TABLE[activation].grad_from_output(y)
 
 
 def _input_projection(xs_TxBxD: jax.Array, w_x_DxG: jax.Array, b_G: jax.Array) -> jax.Array:
@@ -203,12 +193,14 @@ class RNNResiduals(NamedTuple):
     act_index: jax.Array | None  # the traced activation, when options.activation is None
 
 
+def _activation(options: RNNOptions, act_index) -> str | jax.Array:
+    """The fused RNN's activation: the static name, or else the traced index."""
+    return act_index if options.activation is None else options.activation
+
+
 def _forward_options(options: RNNOptions, act_index) -> dict:
     """_rnn_forward's keyword arguments: the options, with the traced activation if any."""
-    kw = options._asdict()
-    if options.activation is None:
-        kw["activation"] = act_index
-    return kw
+    return {**options._asdict(), "activation": _activation(options, act_index)}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -234,9 +226,7 @@ def _rnn_fused_fwd(w_x, w_h, b, xs, h0, mask, act_index, options: RNNOptions):
 def _rnn_fused_bwd(options: RNNOptions, saved: RNNResiduals, g_hs):
     """Reverse scan over t = T..1 carrying dL/dh_t (B, H) and the weight gradients."""
     w_h_T = saved.w_h.T
-    act_grad = activation_of(
-        _forward_options(options, saved.act_index)["activation"]
-    ).grad_from_output
+    act_grad = activation_of(_activation(options, saved.act_index)).grad_from_output
 
     def step(carry, t):
         dh_next, grads = carry
