@@ -2,7 +2,9 @@
 they can share one compiled program. Used by sweep.py and report.py.
 
 * `--workers W` processes (experiment.worker) run trials one job at a time; imports,
-  the JAX runtime and compiled programs are reused from trial to trial.
+  the JAX runtime and compiled programs are reused from trial to trial. A worker
+  starts as soon as there is work for it to come (e.g. while a packed job trains
+  whose trials then finish as jobs of their own) and warms up while it waits.
 * Packing: pending trials with the same `training.packing.group_key` (configs that
   differ only in seed, learning rate, weight decay or a task's PACKABLE options) go
   to one worker as one job and train as replicas of one program; each trial's own
@@ -227,6 +229,7 @@ def run_trials(
     pending: list[Trial] = []
     trained: set[str] = set()  # trained packed; their own runs still to finish
     keys: dict[str, str | None] = {}
+    started: set[int] = set()  # worker slots started at least once
 
     def key_of(trial: Trial) -> str | None:
         if trial.id not in keys:
@@ -248,9 +251,19 @@ def run_trials(
                 worker = pool[i]
                 if worker is None:
                     worker = pool[i] = Worker(i, events, cwd, worker_log)
+                    started.add(i)
                 if job[0].id not in trained:  # announced once, when its training starts
                     on_start(job)
                 worker.send(job)
+            # more trials than busy workers (a packed job's trials come back as jobs of
+            # their own): start the other workers now, so their imports and JAX start
+            # overlap the training (once per slot: one that dies idle is not restarted)
+            busy = [w for w in pool if w is not None and w.running]
+            if sum(len(w.running) for w in busy) + len(pending) > len(busy):
+                for i in range(workers):
+                    if pool[i] is None and i not in started:
+                        pool[i] = Worker(i, events, cwd, worker_log)
+                        started.add(i)
             if not any(w is not None and w.running for w in pool):
                 if pending or not exhausted:
                     continue

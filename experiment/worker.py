@@ -156,6 +156,24 @@ def die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def warm_up() -> None:
+    """Import what every trial uses and start JAX's runtime, before the first job: a
+    worker started beside a busy one pays this (about 2 s) while it waits, not when
+    its first trial starts. Anything that fails here fails again, with its proper
+    message, in the trial that needs it."""
+    with contextlib.suppress(Exception):
+        import jax
+        import orbax.checkpoint  # noqa: F401
+        import tensorboardX  # noqa: F401
+
+        import train  # noqa: F401
+        from experiment.figures import pyplot
+        from training import loop, packing  # noqa: F401
+
+        jax.devices()
+        pyplot()
+
+
 def main() -> int:
     from experiment import faults
 
@@ -163,6 +181,7 @@ def main() -> int:
     if parent and parent.isdigit():
         die_with_parent(int(parent))
     faults.silence_library_noise()
+    warm_up()
     # results go to the original stdout; everything else the trials print goes to logs
     results = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -342,3 +343,69 @@ def test_a_group_whose_checkpoints_were_split_by_a_kill_resumes_from_their_commo
         alone = trained(running_average, c, tmp_path / f"alone{i}", "running_average")
         assert packed.stats["steps"] == 40
         assert_same_training(packed, alone)
+
+
+class ScriptedWorker:
+    """A stand-in for experiment.study.Worker: answers a trial at once (exit 0) and a packed
+    job ({"packed": ids}) once slot 1 has started; slot 1's first process dies idle."""
+
+    created: list[int] = []
+    held: list = []  # packed answers waiting for slot 1
+
+    def __init__(self, index, events, cwd, log):
+        self.index, self.events, self.running = index, events, {}
+        ScriptedWorker.created.append(index)
+        if index == 1 and ScriptedWorker.created.count(1) == 1:
+            events.put((self, None))  # gone before any job
+            ScriptedWorker.release()
+
+    @classmethod
+    def release(cls):
+        answers, cls.held = cls.held, []
+        for worker, message in answers:
+            worker.events.put((worker, message))
+
+    def send(self, job):
+        self.running.update((t.id, t) for t in job)
+        if len(job) == 1:
+            self.events.put((self, {"id": job[0].id, "exit_code": 0}))
+        elif 1 in ScriptedWorker.created:
+            self.events.put((self, {"packed": [t.id for t in job]}))
+        else:
+            ScriptedWorker.held.append((self, {"packed": [t.id for t in job]}))
+            # an executor that never starts slot 1 gets its answer late, not never
+            timer = threading.Timer(5.0, ScriptedWorker.release)
+            timer.daemon = True
+            timer.start()
+
+    def death_cause(self):
+        return 1, "its worker process exited with code 1"
+
+    def close(self):
+        pass
+
+
+def test_idle_workers_start_while_a_packed_job_trains_and_one_that_dies_idle_is_not_respawned(
+    tmp_path, monkeypatch
+):
+    from experiment import study
+
+    monkeypatch.setattr(study, "Worker", ScriptedWorker)
+    ScriptedWorker.created, ScriptedWorker.held = [], []
+    trials = [study.Trial(f"t{i}", "running_average", {**tokens(RA), "seed": str(i)},
+                          tmp_path / f"t{i}") for i in range(3)]  # fmt: skip
+    queue, jobs, results = list(trials), [], []
+
+    def more(idle):
+        chosen = list(queue)
+        queue.clear()
+        return chosen
+
+    study.run_trials(more, workers=2, pack=True, on_start=jobs.append,
+                     on_result=results.append, worker_log=tmp_path / "w.log")  # fmt: skip
+    assert [len(job) for job in jobs] == [3]  # one packed job; slot 1 had none to start with
+    # slot 1 was started while the packed job trained; it died idle and was started
+    # again only for a job of its own (not in a loop)
+    assert ScriptedWorker.created[:2] == [0, 1]
+    assert ScriptedWorker.created.count(1) == 2
+    assert sorted((r.trial.id, r.exit_code) for r in results) == [("t0", 0), ("t1", 0), ("t2", 0)]
