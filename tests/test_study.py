@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import ClassVar
 
 import jax
 import numpy as np
@@ -349,8 +350,8 @@ class ScriptedWorker:
     """A stand-in for experiment.study.Worker: answers a trial at once (exit 0) and a packed
     job ({"packed": ids}) once slot 1 has started; slot 1's first process dies idle."""
 
-    created: list[int] = []
-    held: list = []  # packed answers waiting for slot 1
+    created: ClassVar[list[int]] = []
+    held: ClassVar[list] = []  # packed answers waiting for slot 1
 
     def __init__(self, index, events, cwd, log):
         self.index, self.events, self.running = index, events, {}
