@@ -22,6 +22,10 @@ evaluation); `fit` trains it:
 * Before anything is allocated, the training state's size is checked against
   the memory available, and the first compiled step's footprint before it runs
   (training.memory), so an impossible size is refused instead of hanging.
+
+The loop itself (`run_chunks`: chunks, boundaries, guard) is shared with packed
+trials (training.packing.fit_packed); what each does at a boundary (fail or stop
+one trial, log to one run or to each trial's) are its `LoopHooks`.
 """
 
 from __future__ import annotations
@@ -428,6 +432,83 @@ def _scalar_view(metrics: dict[str, np.ndarray], prefix: str) -> dict[str, float
     return out
 
 
+@dataclasses.dataclass
+class LoopHooks:
+    """What the training loop does at its boundaries, for `fit` (one run) and
+    training.packing.fit_packed (each trial of a packed group). Each takes the state
+    as it is at that step."""
+
+    guard: Callable[[TrainState], None]  # act on non-finite values (fail, or stop a trial)
+    log: Callable[[int, dict[str, np.ndarray], float], None]  # (step, train metrics, steps/s)
+    save: Callable[[int, TrainState, int], None]  # (step, state, compilations); once per step
+    evaluate: Callable[[int, TrainState], None] | None = None
+    stopped: Callable[[], bool] = lambda: False  # early stopping, or no trial left
+    compiled: Callable[[float], None] = lambda seconds: None  # a chunk's compile time
+
+
+def run_chunks(
+    state: TrainState,
+    cfg: TrainConfig,
+    chunk,
+    data,
+    extra: tuple,
+    samplers: list[EpochSampler],
+    hooks: LoopHooks,
+    progress: Progress,
+    what: str,
+) -> tuple[TrainState, int]:
+    """Train from `state` to cfg.steps: (final state, its step). The one loop of `fit`
+    and `fit_packed`.
+
+    Steps go in chunks (`chunk_plan`) through the jitted `chunk(state, data, idx,
+    active, *extra)` (one compilation per chunk length, checked against free memory
+    as `what`); the batch indices come from `samplers`, one per replica (stacked when
+    the state is replicated). Training metrics are logged every cfg.log_every steps,
+    evaluations run every cfg.eval_every and checkpoints are saved every
+    cfg.checkpoint_every, each boundary after `hooks.guard`, and all three at the end."""
+    step = int(jax.device_get(state.step).max())
+    steps_per_call = cfg.steps_per_call or default_steps_per_call()
+    replicated = np.ndim(state.step) > 0
+    compiled: dict[int, Any] = {}
+    pending: list[dict] = []
+    while step < cfg.steps and not hooks.stopped():
+        k, active = chunk_plan(step, cfg.steps, steps_per_call)
+        idx = (
+            np.stack([s.indices(step, len(active)) for s in samplers])
+            if replicated
+            else samplers[0].indices(step, len(active))
+        )
+        program = compiled.get(len(active))
+        if program is None:
+            t0 = time.perf_counter()
+            program = chunk.lower(state, data, idx, active, *extra).compile()
+            compiled[len(active)] = program
+            hooks.compiled(time.perf_counter() - t0)
+            footprint = memory.compiled_bytes(program)
+            if footprint is not None:
+                memory.require(footprint, what)
+        state, metrics = program(state, data, idx, active, *extra)
+        interrupt.raise_if_received()  # in case a library swallowed the KeyboardInterrupt
+        pending.append(first_steps(metrics, k))
+        before, step = step, step + k
+        end = step >= cfg.steps
+        if _crossed(before, step, cfg.log_every) or end:
+            hooks.guard(state)
+            host = _host_metrics(pending)
+            pending.clear()
+            progress.update(step, float(np.mean(host["loss"])))
+            hooks.log(step, host, progress.steps_per_second(step))
+        if hooks.evaluate is not None and (_crossed(before, step, cfg.eval_every) or end):
+            hooks.guard(state)
+            hooks.evaluate(step, state)
+        if _crossed(before, step, cfg.checkpoint_every) or end or hooks.stopped():
+            hooks.guard(state)
+            hooks.save(step, state, len(compiled))
+    hooks.guard(state)
+    hooks.save(step, state, len(compiled))  # a step not saved yet (e.g. a resumed end)
+    return state, step
+
+
 def fit(
     cfg: TrainConfig,
     problem: Problem,
@@ -483,10 +564,7 @@ def fit(
         checkpoints.close()  # a refused resume leaves no orbax thread behind
         raise
     step = int(jax.device_get(state.step).max())
-    steps_per_call = cfg.steps_per_call or default_steps_per_call()
     history: list[dict[str, Any]] = spent.history
-    compiled: dict[int, Any] = {}
-    pending: list[dict] = []
     last_saved = checkpoints.latest_step()
     progress = Progress(cfg.steps, start=step, desc=desc or run.task, enabled=run.primary)
     segment = _Segment(spent)
@@ -501,7 +579,7 @@ def fit(
     totals = dataclasses.asdict(spent)
     stopped_early = False
 
-    def guard() -> None:
+    def guard(state: TrainState) -> None:
         bad = np.atleast_1d(jax.device_get(state.bad_step))
         if (bad >= 0).any():
             replica = int(np.argmax(bad >= 0))
@@ -518,59 +596,46 @@ def fit(
                 f"clipping (--clip_grad_norm=1.0) in a new --workdir.{hint}"
             )
 
-    def save(at_step: int) -> None:
+    def log_train(at_step: int, metrics: dict[str, np.ndarray], rate: float) -> None:
+        log(at_step, dict(_scalar_view(metrics, "train_"), steps_per_second=rate))
+
+    def evaluate_at(at_step: int, state: TrainState) -> None:
+        nonlocal stopped_early
+        assert evaluate is not None
+        ev = {k: np.asarray(v) for k, v in evaluate(state.params, eval_data).items()}
+        history.append(dict(step=at_step, **{k: v.tolist() for k, v in ev.items()}))
+        log(at_step, _scalar_view(ev, "eval_"))
+        if selector is not None:
+            selector.update(at_step, ev, state.params)
+            if selector.should_stop():
+                stopped_early = True
+
+    def save(at_step: int, state: TrainState, compilations: int) -> None:
         nonlocal last_saved, totals
-        totals = segment.totals(history, len(compiled))
+        if last_saved == at_step:
+            return
+        totals = segment.totals(history, compilations)
         checkpoints.save(
             at_step, state.params, _train_state_dict(state, selector), saved_config, totals
         )
         last_saved = at_step
 
+    def add_compile_time(seconds: float) -> None:
+        segment.compile_seconds += seconds
+
+    hooks = LoopHooks(
+        guard=guard,
+        log=log_train,
+        save=save,
+        evaluate=None if evaluate is None else evaluate_at,
+        stopped=lambda: stopped_early,
+        compiled=add_compile_time,
+    )
     try:
-        while step < cfg.steps:
-            k, active = chunk_plan(step, cfg.steps, steps_per_call)
-            idx = (
-                np.stack([s.indices(step, len(active)) for s in samplers])
-                if replicated
-                else samplers[0].indices(step, len(active))
-            )
-            if len(active) not in compiled:
-                t0 = time.perf_counter()
-                program = chunk.lower(state, train_data, idx, active).compile()
-                compiled[len(active)] = program
-                segment.compile_seconds += time.perf_counter() - t0
-                footprint = memory.compiled_bytes(program)
-                if footprint is not None:
-                    memory.require(footprint, f"a train step (batch {cfg.batch_size})")
-            state, metrics = compiled[len(active)](state, train_data, idx, active)
-            interrupt.raise_if_received()  # in case a library swallowed the KeyboardInterrupt
-            pending.append(first_steps(metrics, k))
-            before, step = step, step + k
-            end = step >= cfg.steps
-            if _crossed(before, step, cfg.log_every) or end:
-                guard()
-                host = _scalar_view(_host_metrics(pending), "train_")
-                pending.clear()
-                progress.update(step, host["train_loss"])
-                log(step, dict(host, steps_per_second=progress.steps_per_second(step)))
-            if evaluate is not None and (_crossed(before, step, cfg.eval_every) or end):
-                guard()
-                ev = {k: np.asarray(v) for k, v in evaluate(state.params, eval_data).items()}
-                record = dict(step=step, **{k: v.tolist() for k, v in ev.items()})
-                history.append(record)
-                log(step, _scalar_view(ev, "eval_"))
-                if selector is not None:
-                    selector.update(step, ev, state.params)
-                    if selector.should_stop():
-                        stopped_early = True
-            if _crossed(before, step, cfg.checkpoint_every) or end or stopped_early:
-                guard()
-                save(step)
-            if stopped_early:
-                break
-        guard()
-        if last_saved != step:
-            save(step)
+        state, step = run_chunks(
+            state, cfg, chunk, train_data, (), samplers, hooks, progress,
+            f"a train step (batch {cfg.batch_size})",
+        )  # fmt: skip
     finally:
         progress.close()
         checkpoints.wait()
@@ -580,7 +645,7 @@ def fit(
         train_seconds=totals["train_seconds"],
         compile_seconds=totals["compile_seconds"],
         steps_per_second=step / max(totals["loop_seconds"], 1e-9),
-        steps_per_call=steps_per_call,
+        steps_per_call=cfg.steps_per_call or default_steps_per_call(),
         compilations=totals["compilations"],
         devices=jax.device_count(),
     )

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from types import ModuleType
 from typing import Any
 
@@ -46,24 +45,20 @@ from experiment import interrupt
 from experiment.config import to_dict
 from experiment.run import Run
 from experiment.workdir import checkpoints_dir
-from training import memory
 from training.checkpoints import Checkpoints
 from training.config import TrainConfig
 from training.loop import (
+    LoopHooks,
     Problem,
     TrainState,
-    _crossed,
-    _host_metrics,
     _scalar_view,
     _Segment,
     _Spent,
     _train_state_dict,
-    chunk_plan,
-    default_steps_per_call,
-    first_steps,
     init_replicas,
     jitted_eval,
     make_train_step,
+    run_chunks,
     scan_steps,
     task_args,
 )
@@ -236,21 +231,18 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc) -> None:
         evaluate = jitted_eval(graphdef, problem.eval_fn, (0, None, *hp_axes))
 
     step = int(jax.device_get(state.step).max())
-    steps_per_call = cfg.steps_per_call or default_steps_per_call()
     histories = [s.history for s in spent]
     segments = [_Segment(s) for s in spent]
     last_saved = [store.latest_step() for store in stores]
     # steps a member already holds: one ahead of the group's resume point was written
     # by the same program from the same state, and is not written again
     held = [set(store.all_steps()) for store in stores]
-    compiled: dict[int, Any] = {}
-    pending: list[dict] = []
     progress = Progress(cfg.steps, start=step, desc=desc)
 
     def alive() -> list[int]:
         return [i for i, m in enumerate(members) if m.diverged_at is None]
 
-    def guard() -> None:
+    def guard(state: TrainState) -> None:
         """Stop following members whose replicas went non-finite (per trial)."""
         bad = np.asarray(jax.device_get(state.bad_step)).reshape(len(members), seeds_per)
         for i in alive():
@@ -266,17 +258,32 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc) -> None:
     def metrics_of(values: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
         return {k: _member_slice(v, i, seeds_per) for k, v in values.items()}
 
-    def save(at_step: int) -> None:
+    def log(at_step: int, host: dict[str, np.ndarray], rate: float) -> None:
+        for i in alive():
+            view = _scalar_view(metrics_of(host, i), "train_")
+            members[i].run.log(at_step, dict(view, steps_per_second=rate))
+
+    def evaluate_at(at_step: int, state: TrainState) -> None:
+        assert evaluate is not None
+        values = evaluate(state.params, eval_data, *task_args(problem, hp))
+        ev = {k: np.asarray(v) for k, v in values.items()}
+        for i in alive():
+            mine = metrics_of(ev, i)
+            histories[i].append(dict(step=at_step, **{k: v.tolist() for k, v in mine.items()}))
+            members[i].run.log(at_step, _scalar_view(mine, "eval_"))
+
+    def save(at_step: int, state: TrainState, compilations: int) -> None:
         with interrupt.deferred():  # a Ctrl-C does not split the group's checkpoints
             # one copy to the host, sliced there: a device slice per leaf and member
             # was a dispatch each (a second per save of 16 linear autoencoders)
-            host = jax.device_get(state)
+            host = None
             for i in alive():
-                save_member(i, at_step, host)
+                if last_saved[i] == at_step or at_step in held[i]:
+                    continue
+                host = jax.device_get(state) if host is None else host
+                save_member(i, at_step, host, compilations)
 
-    def save_member(i: int, at_step: int, host: TrainState) -> None:
-        if last_saved[i] == at_step or at_step in held[i]:
-            return
+    def save_member(i: int, at_step: int, host: TrainState, compilations: int) -> None:
         m = members[i]
         mine = jax.tree.map(jnp.asarray, _member_slice(host, i, seeds_per))
         stores[i].save(
@@ -284,48 +291,24 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc) -> None:
             mine.params,
             _train_state_dict(mine, None),
             {"task": m.run.task, "config": m.run.config_dict},
-            segments[i].totals(histories[i], len(compiled)),
+            segments[i].totals(histories[i], compilations),
         )
         last_saved[i] = at_step
 
+    def add_compile_time(seconds: float) -> None:
+        for seg in segments:
+            seg.compile_seconds += seconds
+
+    hooks = LoopHooks(
+        guard=guard,
+        log=log,
+        save=save,
+        evaluate=None if evaluate is None else evaluate_at,
+        stopped=lambda: not alive(),
+        compiled=add_compile_time,
+    )
     try:
-        while step < cfg.steps and alive():
-            k, active = chunk_plan(step, cfg.steps, steps_per_call)
-            idx = np.stack([s.indices(step, len(active)) for s in samplers])
-            if len(active) not in compiled:
-                t0 = time.perf_counter()
-                compiled[len(active)] = chunk.lower(state, train_data, idx, active, hp).compile()
-                for seg in segments:
-                    seg.compile_seconds += time.perf_counter() - t0
-                footprint = memory.compiled_bytes(compiled[len(active)])
-                if footprint is not None:
-                    memory.require(footprint, f"a packed train step ({len(seeds)} replicas)")
-            state, metrics = compiled[len(active)](state, train_data, idx, active, hp)
-            interrupt.raise_if_received()
-            pending.append(first_steps(metrics, k))
-            before, step = step, step + k
-            end = step >= cfg.steps
-            if _crossed(before, step, cfg.log_every) or end:
-                guard()
-                host = _host_metrics(pending)
-                pending.clear()
-                progress.update(step, float(np.mean(host["loss"])))
-                rate = progress.steps_per_second(step)
-                for i in alive():
-                    view = _scalar_view(metrics_of(host, i), "train_")
-                    members[i].run.log(step, dict(view, steps_per_second=rate))
-            if evaluate is not None and (_crossed(before, step, cfg.eval_every) or end):
-                guard()
-                values = evaluate(state.params, eval_data, *task_args(problem, hp))
-                ev = {k: np.asarray(v) for k, v in values.items()}
-                for i in alive():
-                    mine = metrics_of(ev, i)
-                    histories[i].append(dict(step=step, **{k: v.tolist() for k, v in mine.items()}))
-                    members[i].run.log(step, _scalar_view(mine, "eval_"))
-            if _crossed(before, step, cfg.checkpoint_every) or end:
-                guard()
-                save(step)
-        guard()
-        save(step)  # the members not saved at this step yet
+        run_chunks(state, cfg, chunk, train_data, (hp,), samplers, hooks, progress,
+                   f"a packed train step ({len(seeds)} replicas)")  # fmt: skip
     finally:
         progress.close()
