@@ -181,10 +181,10 @@ def main() -> int:
     if parent and parent.isdigit():
         die_with_parent(int(parent))
     faults.silence_library_noise()
-    warm_up()
     # results go to the original stdout; everything else the trials print goes to logs
     results = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)
+    warm_up()  # after the redirection: nothing it prints can reach the results
     for line in sys.stdin:
         if not line.strip():
             continue
