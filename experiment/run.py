@@ -70,21 +70,18 @@ class Run:
 
     def save_figure(self, fig, name: str, step: int | None = None) -> Path:
         """Save a matplotlib figure as WORKDIR/<name>.png (atomically) and log it as an image."""
-        import io
-
         import matplotlib.pyplot as plt
 
-        from experiment.figures import plain_log_labels
+        from experiment.figures import plain_log_labels, png_bytes
 
         path = self.workdir / f"{name}.png"
         if not self.primary:
             plt.close(fig)
             return path
         plain_log_labels(fig)
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+        png = png_bytes(fig, dpi=110)
         plt.close(fig)
-        write_bytes_atomic(path, buffer.getvalue())
+        write_bytes_atomic(path, png)
         self.writers.image(name, path, step)
         return path
 

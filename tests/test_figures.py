@@ -7,7 +7,7 @@ figure is checked (tests/figure_check.py) just before it is saved.
 import pytest
 
 import train
-from experiment.figures import plain_log_label, plain_log_labels, pyplot
+from experiment.figures import plain_log_label, plain_log_labels, png_bytes, pyplot
 from experiment.run import Run
 from tests.conftest import TINY_ARGS
 from tests.figure_check import problems
@@ -110,3 +110,88 @@ def test_log_axes_get_plain_labels_at_the_same_ticks(low, high):
     assert [plain_log_label(text) for _, text in default] == [text for _, text in plain]
     shown = [text for _, text in plain if text]
     assert shown and not any("$" in text for text in shown), shown
+
+
+def _decoded(png: bytes):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def _two_pass(fig) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def test_one_pass_png_is_the_tight_png_up_to_a_few_pixels():
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3), sharey=True)
+    for ax in axes:
+        ax.semilogy([1, 2, 3], [1e-3, 1e-2, 1e-1], "o-", label="a curve")
+        ax.set_xlabel("step")
+    axes[0].set_ylabel("a long label on the left of the axes")
+    axes[1].legend()
+    fig.suptitle("a title above everything")
+    plain_log_labels(fig)
+    tight = _decoded(_two_pass(fig))
+    one = _decoded(png_bytes(fig, dpi=110))
+    plt.close(fig)
+    # the same picture, up to rounding to whole pixels
+    assert abs(one.shape[0] - tight.shape[0]) <= 1 and abs(one.shape[1] - tight.shape[1]) <= 1
+
+    def ink(image):
+        return int((image < 250).any(axis=2).sum())
+
+    assert ink(one) == pytest.approx(ink(tight), rel=0.02)
+
+
+def test_one_pass_png_keeps_a_figure_that_draws_beyond_its_margin():
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([0, 1], [0, 1])
+    fig.text(-1.5, 0.5, "far left of the figure")  # 6 inches left of it: past the margin
+    one = _decoded(png_bytes(fig, dpi=50))
+    tight = _decoded(_two_pass_at(fig, 50))
+    plt.close(fig)
+    assert one.shape == tight.shape
+    assert one.shape[1] > (4 + 2) * 50  # wider than figure and margins: the far text is in
+
+
+def _two_pass_at(fig, dpi: int) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("face", ["white", "0.85"])
+def test_one_pass_png_crops_on_the_figure_background(face):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(4, 3), facecolor=face)
+    ax.plot([0, 1], [0, 1])
+    one = _decoded(png_bytes(fig, dpi=60))
+    plt.close(fig)
+    # cropped to the figure's content plus the pad, not the whole margin around it
+    assert one.shape[0] < (3 + 1) * 60 and one.shape[1] < (4 + 1) * 60
+
+
+def test_one_pass_png_of_an_empty_figure_and_of_a_laid_out_one():
+    plt = pyplot()
+    empty = plt.figure(figsize=(2, 2))
+    assert _decoded(png_bytes(empty, dpi=50)).shape[0] > 0  # nothing drawn: still a PNG
+    plt.close(empty)
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3), layout="tight")
+    for ax in axes:
+        ax.plot([1, 2], [3, 4])
+        ax.set_ylabel("a y label beside its neighbour")
+    png = png_bytes(fig, dpi=50)
+    assert problems(fig) == []  # laid out once, and still readable
+    plt.close(fig)
+    assert _decoded(png).shape[1] <= 9 * 50 + 20
