@@ -17,6 +17,7 @@ import math
 import os
 import secrets
 import string
+import struct
 import sys
 import warnings
 from collections.abc import Mapping
@@ -88,6 +89,18 @@ def _finite_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+# PNG colour types (the IHDR chunk's byte 9) and their channels: grey, RGB, grey+alpha, RGBA
+_PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}
+
+
+def png_shape(png: bytes) -> tuple[int, int, int]:
+    """(width, height, channels) of a PNG image, from its header (IHDR, the first chunk)."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
+        raise ValueError("not a PNG image")
+    width, height = struct.unpack(">II", png[16:24])
+    return width, height, _PNG_CHANNELS.get(png[25], 3)
+
+
 class TensorBoardWriter:
     """Scalars, images and hparams into WORKDIR/events.out.tfevents.*."""
 
@@ -103,10 +116,17 @@ class TensorBoardWriter:
             self._writer.add_scalar(key, value, step)
 
     def image(self, name: str, png: Path, step: int) -> None:
-        import matplotlib.image
+        """The PNG file as it is: TensorBoard's image summary holds an encoded image
+        (add_image would decode, rescale and encode it again: 20 ms a figure)."""
+        from tensorboardX.proto.summary_pb2 import Summary
 
-        pixels = matplotlib.image.imread(str(png))[..., :3]
-        self._writer.add_image(name, pixels, step, dataformats="HWC")
+        encoded = png.read_bytes()
+        width, height, channels = png_shape(encoded)
+        image = Summary.Image(
+            height=height, width=width, colorspace=channels, encoded_image_string=encoded
+        )
+        summary = Summary(value=[Summary.Value(tag=name, image=image)])
+        self._writer.file_writer.add_summary(summary, step)
 
     def hparams(self, config: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
         """The HParams dashboard's row of this run: `config` (the options that vary, see

@@ -2,13 +2,16 @@
 
 import csv
 import glob
+import io
 import json
 import struct
 
+import PIL.Image
 import pytest
 import yaml
 
 import sweep
+from experiment.writers import png_shape
 from tests.conftest import REPO, TINY_ARGS
 
 TINY = [*TINY_ARGS["running_average"], "--steps=3", "--log_every=1"]
@@ -226,6 +229,15 @@ def test_tensorboard_events_hold_scalars_images_and_hparams(train_cli, tmp_path)
     scalars, images, plugins = read_events(tmp_path)
     assert {"train_loss", "eval_loss", "eval_mse_last_step", "train_grad_norm"} <= scalars
     assert {"predictions", "error_by_step", "eval_curve"} <= images
+    # each image is the figure's PNG file as written, with its true size
+    for event in events(tmp_path):
+        for value in event.summary.value:
+            if value.HasField("image"):
+                png = (tmp_path / f"{value.tag}.png").read_bytes()
+                assert value.image.encoded_image_string == png
+                with PIL.Image.open(io.BytesIO(png)) as decoded:
+                    assert (value.image.width, value.image.height) == decoded.size
+                    assert value.image.colorspace == len(decoded.getbands())
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(plugins)
     start = plugins["_hparams_/session_start_info"]
     assert b"hidden_size" in start and b"task" in start
@@ -327,3 +339,12 @@ def test_results_figure_uses_categorical_and_log_axes(tmp_path):
     labels = layers.get_legend_handles_labels()[1]
     assert labels == ["each trial", "median over the other parameters", "best"]
     assert captured["problems"] == []  # no overlapping text, no empty panel
+
+
+@pytest.mark.parametrize("mode, channels", [("RGB", 3), ("RGBA", 4), ("L", 1)])
+def test_a_png_header_gives_its_size_and_channels(mode, channels):
+    buffer = io.BytesIO()
+    PIL.Image.new(mode, (7, 3)).save(buffer, format="png")
+    assert png_shape(buffer.getvalue()) == (7, 3, channels)
+    with pytest.raises(ValueError, match="not a PNG"):
+        png_shape(b"GIF89a" + bytes(30))
