@@ -9,6 +9,7 @@ final step, so the model gets no signal about the intermediate means.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from experiment.run import Run
 from models.recurrent import Activation, Cell, Impl, Init, SequenceRegressor
 from models.recurrent_ops import ACTIVATION_NAMES
 from training.config import TrainConfig
-from training.loop import FitResult, Problem, fit
+from training.loop import FitResult, Problem, eval_graphdef, fit
 from training.summary import replica_summary
 
 
@@ -134,6 +135,7 @@ def make_problem(cfg: Config) -> Problem:
 
     return Problem(
         make_model=lambda rngs: make_model(cfg, rngs),
+        shared_model=lambda rngs: make_model(shared_structure(cfg), rngs),
         loss_fn=loss_fn,
         train_data=train,
         eval_data=held_out,
@@ -147,18 +149,26 @@ def make_problem(cfg: Config) -> Problem:
     )
 
 
+def shared_structure(cfg: Config) -> Config:
+    """`cfg` with the model options that enter as hparams set to one fixed value: the
+    model code that runs of every activation share (eval_fn and `predict` apply hp's)."""
+    return dataclasses.replace(cfg, activation=ACTIVATION_NAMES[0])
+
+
 def run(cfg: Config, run: Run) -> dict:
     problem = make_problem(cfg)
     result = fit(cfg, problem, run)
-    train_metrics = result.evaluate(problem.train_data)
+    # held-out set first: the training set is then evaluated in chunks of its size,
+    # one compiled shape for both
     eval_metrics = result.evaluate(problem.eval_data)
+    train_metrics = result.evaluate(problem.train_data)
     summary = {
         **replica_summary({"loss": train_metrics["loss"]}, "train_"),
         **replica_summary(eval_metrics, "eval_"),
         **{k: v for k, v in result.stats.items()},
         "num_params": count_params(result),
     }
-    plot_results(cfg, run, result, problem.eval_data)
+    plot_results(cfg, run, result, problem)
     return summary
 
 
@@ -167,18 +177,22 @@ def count_params(result: FitResult) -> int:
     return int(sum(sizes) // result.num_seeds)  # replicas stack along a leading axis
 
 
-@nnx.jit
-def predict(model, x):
-    """The model's outputs for `x`, compiled once per model structure and input shape."""
-    return model(x)
+@functools.partial(jax.jit, static_argnums=0)
+def predict(graphdef, params, x, hp):
+    """The model's outputs for `x` with hp's activation: compiled once per shared model
+    structure (training.loop.eval_graphdef) and input shape, for every activation."""
+    return nnx.merge(graphdef, params)(x, activation=activation_of(hp))
 
 
-def plot_results(cfg: Config, run: Run, result: FitResult, held_out: dict) -> None:
+def plot_results(cfg: Config, run: Run, result: FitResult, problem: Problem) -> None:
     """predictions.png (three held-out sequences), error_by_step.png, eval_curve.png."""
     plt = pyplot()
 
     # every held-out prediction in one compiled call (shared by runs of one structure)
-    predictions = np.asarray(predict(result.model(), jnp.asarray(held_out["x"])))
+    held_out = problem.eval_data
+    graphdef = eval_graphdef(problem, result.graphdef)
+    x = jnp.asarray(held_out["x"])
+    predictions = np.asarray(predict(graphdef, result.replica_params(0), x, problem.hparams))
     x, y, pred = held_out["x"][:3], held_out["y"][:3], predictions[:3]
     t = np.arange(1, cfg.seq_len + 1)
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), sharey=True)

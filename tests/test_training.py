@@ -132,26 +132,42 @@ def test_non_finite_loss_stops_with_exit_1_and_keeps_good_checkpoints(tmp_path, 
 
 def test_evaluation_of_one_model_structure_compiles_once_for_every_run():
     """A module-level eval_fn is jitted once per structure (a study's worker reuses it);
-    the task's options enter as arguments, so each run still gets its own numbers."""
+    the task's options enter as arguments, so each run still gets its own numbers. The
+    RNN's activation too: its model holds it, but evaluation runs the shared model's
+    code (Problem.shared_model) with the activation as a value."""
     from flax import nnx
 
-    from training.loop import FitResult, jitted_eval, make_evaluator
+    from training.loop import FitResult, eval_graphdef, jitted_eval, make_evaluator
 
     results, programs = {}, []
-    for last_step_only in (False, True):
-        cfg = running_average.Config(num_train=64, num_eval=16, hidden_size=8, seq_len=6,
-                                     last_step_only=last_step_only)  # fmt: skip
+    runs = [("tanh", False), ("tanh", True), ("relu", False), ("identity", True)]
+    for activation, last_step_only in runs:
+        cfg = running_average.Config(
+            num_train=64, num_eval=16, hidden_size=8, seq_len=6,
+            activation=activation, last_step_only=last_step_only,
+        )  # fmt: skip
         problem = running_average.make_problem(cfg)
         graphdef, state = init_train_state(problem, make_optimizer(cfg), cfg)
         evaluate = make_evaluator(graphdef, problem, replicated=False)
-        results[last_step_only] = evaluate(state.params, problem.eval_data)
-        programs.append(jitted_eval(graphdef, running_average.eval_fn, None)._cache_size())
-        # the plain function of the same model, with the option as a Python bool
+        results[activation, last_step_only] = evaluate(state.params, problem.eval_data)
+        shared = eval_graphdef(problem, graphdef)
+        jitted = jitted_eval(shared, running_average.eval_fn, None)
+        programs.append((id(jitted), jitted._cache_size()))
+        # the plain function of the model itself: its own activation's code, the loss
+        # choice as a Python bool
         model = nnx.merge(graphdef, state.params)
         expected = running_average.eval_fn(model, problem.eval_data, problem.hparams)
-        np.testing.assert_allclose(results[last_step_only]["loss"], expected["loss"], rtol=1e-6)
-    assert programs[1] == programs[0]  # the second run compiled nothing new
-    assert results[True]["loss"] != results[False]["loss"]
+        for key, value in expected.items():
+            np.testing.assert_allclose(results[activation, last_step_only][key], value,
+                                       rtol=1e-6, err_msg=f"{activation} {key}")  # fmt: skip
+        # the figures' predictions: the same shared code
+        x = jnp.asarray(problem.eval_data["x"])
+        predicted = running_average.predict(shared, state.params, x, problem.hparams)
+        np.testing.assert_allclose(predicted, model(x), rtol=1e-6, atol=1e-7)
+    # one jitted function for all four runs, and the later runs compiled nothing new
+    assert programs == [programs[0]] * len(runs)
+    assert results["tanh", True]["loss"] != results["tanh", False]["loss"]
+    assert results["relu", False]["loss"] != results["tanh", False]["loss"]
     # a closure could capture anything: never shared
     closure = lambda model, data: {"n": data["x"].shape[0]}  # noqa: E731
     assert jitted_eval(graphdef, closure, None) is not jitted_eval(graphdef, closure, None)
@@ -172,3 +188,33 @@ def test_evaluation_chunks_have_one_size_where_a_divisor_allows(n, max_rows, siz
     from training.loop import chunk_size
 
     assert chunk_size(n, max_rows) == size
+
+
+@pytest.mark.parametrize(
+    ("n", "preferred", "size"),
+    [(10_000, [2000], 2000),  # the held-out set's size divides the training set's
+     (10_000, [3000], 2500),  # does not divide
+     (10_000, [1], 2500),  # divides, but far more chunks than needed
+     (10_000, [1, 2000], 2000),
+     (2000, [2000], 2000), (2000, [1000], 1000), (6000, [6000], 3000)],
+)  # fmt: skip
+def test_evaluation_chunks_take_a_size_already_compiled_where_it_fits(n, preferred, size):
+    from training.loop import chunk_size
+
+    assert chunk_size(n, 4096, preferred) == size
+
+
+def test_a_run_evaluates_its_held_out_and_training_sets_with_one_chunk_shape():
+    from training.loop import FitResult, make_evaluator
+
+    cfg = running_average.Config(num_train=120, num_eval=40, hidden_size=8, seq_len=6)
+    problem = running_average.make_problem(cfg)
+    graphdef, state = init_train_state(problem, make_optimizer(cfg), cfg)
+    evaluate = make_evaluator(graphdef, problem, replicated=False)
+    result = FitResult(graphdef, state.params, 1, [], {}, evaluate)
+    held_out = result.evaluate(problem.eval_data, max_rows=64)
+    train = result.evaluate(problem.train_data, max_rows=64)  # 3 chunks of 40, not 2 of 60
+    assert result._eval_rows == [40]
+    whole = evaluate(state.params, problem.train_data)
+    np.testing.assert_allclose(train["loss"], whole["loss"], rtol=1e-5)
+    assert held_out["loss"] != train["loss"]

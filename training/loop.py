@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -80,6 +80,24 @@ class Problem:
     # as `hp` (these Python values in a plain run; per-replica arrays when trials are
     # packed into one program, training.packing).
     hparams: dict[str, float] = dataclasses.field(default_factory=dict)
+    # A model with make_model's parameters whose code does not depend on `hparams`,
+    # when make_model's does (the RNN holds its activation; eval_fn applies hp's):
+    # trials that differ only in hparams then share one compiled evaluation (a study's
+    # worker compiles it once, not once per activation). None: make_model's code.
+    shared_model: Callable[[nnx.Rngs], nnx.Module] | None = None
+
+
+def eval_graphdef(problem: Problem, graphdef: Any) -> Any:
+    """The model code evaluation compiles: shared_model's when the problem has one,
+    else `graphdef` (the trained model's)."""
+    if problem.shared_model is None:
+        return graphdef
+    return _graphdef_of(problem.shared_model)
+
+
+def _graphdef_of(make_model: Callable[[nnx.Rngs], nnx.Module]) -> Any:
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(0))))
+    return graphdef
 
 
 class TrainState(NamedTuple):
@@ -100,15 +118,20 @@ class FitResult:
     history: list[dict[str, Any]]
     stats: dict[str, float]
     eval_fn: Callable[[Any, Any], dict[str, jax.Array]] | None = None
+    # rows per chunk of the evaluations so far (each is a compiled shape)
+    _eval_rows: list[int] = dataclasses.field(default_factory=list, repr=False)
 
     def model(self, replica: int = 0) -> nnx.Module:
         """The trained model; with several replicas, replica `replica` (seed + replica)."""
-        params = self.params
+        return nnx.merge(self.graphdef, self.replica_params(replica))
+
+    def replica_params(self, replica: int = 0) -> Any:
+        """The parameters of replica `replica` (seed + replica), without a replica axis."""
         if self.num_seeds > 1:
-            params = jax.tree.map(lambda a: a[replica], params)
-        elif replica != 0:
+            return jax.tree.map(lambda a: a[replica], self.params)
+        if replica != 0:
             raise ValueError(f"replica={replica}: only one replica was trained")
-        return nnx.merge(self.graphdef, params)
+        return self.params
 
     def evaluate(self, data: Any, max_rows: int = 4096) -> dict[str, np.ndarray]:
         """Eval metrics on `data`, in chunks of at most `max_rows` examples.
@@ -119,7 +142,9 @@ class FitResult:
         if self.eval_fn is None:
             raise ValueError("this problem has no eval_fn")
         n = jax.tree.leaves(data)[0].shape[0]
-        size = chunk_size(n, max_rows)
+        size = chunk_size(n, max_rows, preferred=self._eval_rows)
+        if size not in self._eval_rows:
+            self._eval_rows.append(size)
         totals: dict[str, np.ndarray] = {}
         for start in range(0, n, size):
             rows = min(size, n - start)
@@ -129,16 +154,21 @@ class FitResult:
         return {k: v / n for k, v in totals.items()}
 
 
-def chunk_size(n: int, max_rows: int) -> int:
+def chunk_size(n: int, max_rows: int, preferred: Sequence[int] = ()) -> int:
     """Rows per evaluation chunk: the largest divisor of n up to max_rows when it is at
     least half of it (every chunk then has one shape: one compilation, not two), else
-    max_rows."""
+    max_rows. A `preferred` size (one already compiled, e.g. the held-out set's when the
+    training set is evaluated next) is taken instead when it divides n and is at least
+    half of that choice."""
     if n <= max_rows:
-        return n
-    for size in range(max_rows, max_rows // 2 - 1, -1):
-        if n % size == 0:
+        own = n
+    else:
+        divisors = (s for s in range(max_rows, max_rows // 2 - 1, -1) if n % s == 0)
+        own = next(divisors, max_rows)
+    for size in preferred:
+        if size <= max_rows and n % size == 0 and 2 * size >= own:
             return size
-    return max_rows
+    return own
 
 
 def default_steps_per_call(backend: str | None = None) -> int:
@@ -336,7 +366,7 @@ def make_evaluator(graphdef, problem: Problem, replicated: bool):
         return None
     extra = task_args(problem)
     in_axes = (0, None, *[None] * len(extra)) if replicated else None
-    jitted = jitted_eval(graphdef, problem.eval_fn, in_axes)
+    jitted = jitted_eval(eval_graphdef(problem, graphdef), problem.eval_fn, in_axes)
     return lambda params, data: jitted(params, data, *extra)
 
 

@@ -55,6 +55,7 @@ from training.loop import (
     _Segment,
     _Spent,
     _train_state_dict,
+    eval_graphdef,
     init_replicas,
     jitted_eval,
     make_train_step,
@@ -228,7 +229,9 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc) -> None:
     evaluate = None
     if problem.eval_fn is not None:
         hp_axes = (0,) if problem.hparams else ()  # per-replica values, when it takes any
-        evaluate = jitted_eval(graphdef, problem.eval_fn, (0, None, *hp_axes))
+        evaluate = jitted_eval(
+            eval_graphdef(problem, graphdef), problem.eval_fn, (0, None, *hp_axes)
+        )
 
     step = int(jax.device_get(state.step).max())
     histories = [s.history for s in spent]
