@@ -23,7 +23,7 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from experiment import interrupt
 
@@ -68,15 +68,27 @@ def environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def train_packed(trials: list[dict]) -> None:
+def train_packed(trials: list[dict], hand_on: Callable[[int], None]) -> None:
     """Train the job's trials together (training.packing); on any reason they cannot
-    pack, say so and leave them to their own runs (which report real errors)."""
+    pack, say so and leave them to their own runs (which report real errors).
+
+    hand_on(i): trial i (not the first, whose log this job's output goes to) is
+    trained, its run closed: its own run may start now, on another worker."""
     import train
     from experiment.errors import RunFailed, UsageError
     from training.packing import Member, PackingUnavailable, fit_packed
 
     members: list[Member] = []
+    closed: set[int] = set()
     ids = ", ".join(t["id"] for t in trials)
+
+    def trained(i: int) -> None:
+        if i == 0:
+            return
+        closed.add(i)
+        members[i].run.close()
+        hand_on(i)
+
     try:
         for trial in trials:
             with environment(trial["env"]):
@@ -90,16 +102,17 @@ def train_packed(trials: list[dict]) -> None:
                 raise
             members.append(Member(train_cfg, problem, run))
         print(f"training {len(trials)} trials packed in one program: {ids}", flush=True)
-        fit_packed(members, desc=f"packed x{len(trials)}")
+        fit_packed(members, desc=f"packed x{len(trials)}", on_trained=trained)
     except (PackingUnavailable, UsageError, RunFailed) as err:
         print(f"note: not packed ({err}); each trial runs alone", flush=True)
     except Exception as err:  # e.g. a full disk: each trial's own run meets it and says so
         print(f"note: packed training failed ({type(err).__name__}: {err}); each trial runs "
               "alone from its last checkpoint", flush=True)  # fmt: skip
     finally:
-        for member in members:
-            with contextlib.suppress(Exception):
-                member.run.close()
+        for i, member in enumerate(members):
+            if i not in closed:
+                with contextlib.suppress(Exception):
+                    member.run.close()
 
 
 def run_job(trials: list[dict], results) -> bool:
@@ -112,19 +125,25 @@ def run_job(trials: list[dict], results) -> bool:
     import train
 
     if len(trials) > 1:
+        handed_on: set[str] = set()
+
+        def hand_on(i: int) -> None:
+            hand_on_packed(trials[i], trials[0]["id"], results)
+            handed_on.add(trials[i]["id"])
+
         try:
             with interrupt.trap(), output_to(trials[0]["log"]):
-                train_packed(trials)
+                train_packed(trials, hand_on)
         except KeyboardInterrupt:
             code = interrupt.exit_code()
             for trial in trials:
-                report(results, trial["id"], code)
+                if trial["id"] not in handed_on:
+                    report(results, trial["id"], code)
             return False
-        for trial in trials[1:]:
-            with open(trial["log"], "a", encoding="utf-8") as log:
-                log.write(f"trained packed with {trials[0]['id']} (see its trial.log)\n")
-        results.write(json.dumps({"packed": [t["id"] for t in trials]}) + "\n")
-        results.flush()
+        rest = [t for t in trials[1:] if t["id"] not in handed_on]
+        for trial in rest:
+            hand_on_packed(trial, trials[0]["id"], results, announce=False)
+        announce_packed([trials[0], *rest], results)
         return True
     (trial,) = trials
     with environment(trial["env"]), output_to(trial["log"]):
@@ -135,6 +154,21 @@ def run_job(trials: list[dict], results) -> bool:
             code = 1
     report(results, trial["id"], code)
     return code not in STOP_CODES
+
+
+def hand_on_packed(trial: dict, lead: str, results, announce: bool = True) -> None:
+    """Say in a packed trial's log where its training went, and (announce) tell the
+    executor its own run can start."""
+    with open(trial["log"], "a", encoding="utf-8") as log:
+        log.write(f"trained packed with {lead} (see its trial.log)\n")
+    if announce:
+        announce_packed([trial], results)
+
+
+def announce_packed(trials: list[dict], results) -> None:
+    """{"packed": [ids]}: these trials' packed training is over (their runs finish next)."""
+    results.write(json.dumps({"packed": [t["id"] for t in trials]}) + "\n")
+    results.flush()
 
 
 def report(results, trial_id: str, code: int) -> None:

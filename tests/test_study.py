@@ -268,7 +268,7 @@ def test_a_packed_training_that_fails_leaves_each_trial_to_run_alone(tmp_path, m
     import training.packing
     from experiment import worker
 
-    def broken(members, desc=""):
+    def broken(members, desc="", on_trained=None):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(training.packing, "fit_packed", broken)
@@ -288,6 +288,48 @@ def test_a_packed_training_that_fails_leaves_each_trial_to_run_alone(tmp_path, m
         results = io.StringIO()
         assert worker.run_job([trial], results)
         assert json.loads(results.getvalue()) == {"id": trial["id"], "exit_code": 0}
+
+
+def test_packed_trials_are_handed_on_one_by_one_as_their_training_lands(tmp_path):
+    """A packed job announces each trial once its final checkpoint is on disk and its
+    run closed (its workdir free for its own run, on another worker), the first trial
+    last (its log holds the job's output)."""
+    from experiment import worker
+    from experiment.workdir import WorkdirLock
+    from training.checkpoints import has_steps
+
+    trials = [
+        dict(id=f"t{i}", env={}, log=str(tmp_path / f"t{i}.log"),
+             argv=["--task=running_average", *RA, f"--learning_rate={lr}",
+                   f"--workdir={tmp_path / f't{i}'}", "--wandb=disabled"])
+        for i, lr in enumerate((1e-2, 2e-2, 3e-2))
+    ]  # fmt: skip
+
+    class Results:
+        """The results pipe, checking each announced trial as the executor would use it."""
+
+        def __init__(self):
+            self.announced: list[list[str]] = []
+
+        def write(self, line: str) -> None:
+            (trial_id,) = json.loads(line)["packed"][-1:]
+            workdir = tmp_path / trial_id
+            if trial_id != "t0":  # announced alone, with its training complete and free
+                assert json.loads(line)["packed"] == [trial_id]
+                assert (workdir / "checkpoints" / "40").is_dir()
+                assert "trained packed with t0" in (tmp_path / f"{trial_id}.log").read_text()
+                lock = WorkdirLock(workdir)
+                lock.acquire()  # raises when the packed job still holds it
+                lock.release()
+            assert has_steps(workdir / "checkpoints")
+            self.announced.append(json.loads(line)["packed"])
+
+        def flush(self) -> None:
+            pass
+
+    results = Results()
+    assert worker.run_job(trials, results)
+    assert results.announced == [["t1"], ["t2"], ["t0"]]
 
 
 def test_a_study_killed_with_sigkill_takes_its_workers_with_it(tmp_path):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -153,11 +154,17 @@ def _member_slice(tree: Any, index: int, seeds_per: int) -> Any:
     return jax.tree.map(lambda a: a[index * seeds_per : (index + 1) * seeds_per], tree)
 
 
-def fit_packed(members: list[Member], desc: str = "packed") -> None:
+def fit_packed(
+    members: list[Member], desc: str = "packed", on_trained: Callable[[int], None] | None = None
+) -> None:
     """Train `members` as replicas of one program, writing each one's checkpoints and
     logs as its own `fit` would (see the module docstring). Resumes from the newest
     step every member's checkpoints hold; raises PackingUnavailable when they cannot
-    pack (then each trial's own run trains it)."""
+    pack (then each trial's own run trains it).
+
+    on_trained(i): member i's final checkpoint is on disk (its checkpoint manager
+    closed), while the members after it may still be saving theirs: a study's worker
+    hands the trial on to be finished at once."""
     _check_compatible(members)
     lead = members[0]
     cfg, problem = lead.cfg, lead.problem
@@ -168,12 +175,24 @@ def fit_packed(members: list[Member], desc: str = "packed") -> None:
     graphdef, state = init_replicas(problem, tx, seeds, replicated=True)
     stores = [Checkpoints(checkpoints_dir(m.run.workdir), keep=m.cfg.keep_checkpoints)
               for m in members]  # fmt: skip
+    closed: set[int] = set()
+
+    def close(i: int) -> None:
+        closed.add(i)
+        stores[i].wait()
+        stores[i].close()
+
+    def trained(i: int) -> None:
+        close(i)
+        if on_trained is not None:
+            on_trained(i)
+
     try:
-        _train(members, stores, graphdef, state, tx, hp, seeds, desc)
+        _train(members, stores, graphdef, state, tx, hp, seeds, desc, trained)
     finally:
-        for store in stores:
-            store.wait()
-            store.close()
+        for i in range(len(stores)):
+            if i not in closed:
+                close(i)
 
 
 def _resume(members, stores, state: TrainState, seeds_per: int):
@@ -205,7 +224,7 @@ def _resume(members, stores, state: TrainState, seeds_per: int):
     return jax.tree.map(stack, *parts), spent
 
 
-def _train(members, stores, graphdef, state, tx, hp, seeds, desc) -> None:
+def _train(members, stores, graphdef, state, tx, hp, seeds, desc, trained) -> None:
     lead = members[0]
     cfg, problem = lead.cfg, lead.problem
     seeds_per = cfg.num_seeds
@@ -241,6 +260,7 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc) -> None:
     # by the same program from the same state, and is not written again
     held = [set(store.all_steps()) for store in stores]
     progress = Progress(cfg.steps, start=step, desc=desc)
+    finished: set[int] = set()  # members whose final checkpoint is written
 
     def alive() -> list[int]:
         return [i for i, m in enumerate(members) if m.diverged_at is None]
@@ -281,10 +301,12 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc) -> None:
             # was a dispatch each (a second per save of 16 linear autoencoders)
             host = None
             for i in alive():
-                if last_saved[i] == at_step or at_step in held[i]:
-                    continue
-                host = jax.device_get(state) if host is None else host
-                save_member(i, at_step, host, compilations)
+                if not (last_saved[i] == at_step or at_step in held[i]):
+                    host = jax.device_get(state) if host is None else host
+                    save_member(i, at_step, host, compilations)
+                if at_step >= cfg.steps and i not in finished:
+                    finished.add(i)  # its training is complete and on disk
+                    trained(i)
 
     def save_member(i: int, at_step: int, host: TrainState, compilations: int) -> None:
         m = members[i]
