@@ -1,8 +1,9 @@
 """Whole studies: a process per trial vs trials in a long-lived worker vs packed trials.
 
     python benchmarks/study_executor.py [--grids rnn_activation,linear_ae,ae_latent]
+                                        [--modes ...] [--rounds N]
 
-For each grid, the same trials run three ways, one after another in this process's
+For each grid, the same trials run in each mode, one after another in this process's
 machine, each with a cold JAX compilation cache of its own:
 
   process    `python train.py ...` per trial, one at a time (what sweep.py did before
@@ -13,6 +14,11 @@ machine, each with a cold JAX compilation cache of its own:
   packed-2w  packed, with two workers (the 2-core machine's other core)
   torch      (rnn_activation only, with --modes ...,torch) a plain PyTorch script per
              trial, benchmarks/torch_trial.py in the .bench-venv (`make bench-torch`)
+
+With --rounds N every mode runs N times, the modes interleaved (process,
+in-process, ..., process, ...), and each mode's median round is reported, with
+every round's wall time: the shared 2-core machine's speed drifts by 10-40%
+over minutes, which a single round per mode attributes to whichever mode ran then.
 
 Printed per mode: wall seconds, speed-up over `process`, the share of wall time
 spent training (each packed group's training counted once), and the largest
@@ -152,10 +158,18 @@ def measure(name: str, mode: str, scratch: Path) -> dict:
     )
 
 
+def median_round(rounds: list[dict]) -> dict:
+    """The round with the median wall time (the lower of the two middle ones)."""
+    return sorted(rounds, key=lambda r: r["wall"])[(len(rounds) - 1) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grids", default=",".join(GRIDS))
     parser.add_argument("--modes", default="process,in-process,packed,packed-2w")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every mode this many times, the modes interleaved, and "
+                        "report each mode's median round (the shared machine drifts)")  # fmt: skip
     args = parser.parse_args()
     threads = os.environ.get("XLA_FLAGS", "default XLA threads")
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, {threads}")
@@ -163,12 +177,17 @@ def main() -> None:
         for name in args.grids.split(","):
             torch_ok = name == "rnn_activation" and TORCH_PYTHON.exists()
             modes = [m for m in args.modes.split(",") if m != "torch" or torch_ok]
-            results = {m: measure(name, m, Path(scratch)) for m in modes}
+            rounds: dict[str, list[dict]] = {m: [] for m in modes}
+            for r in range(args.rounds):
+                for m in modes:
+                    rounds[m].append(measure(name, m, Path(scratch) / f"round-{r}"))
+            results = {m: median_round(rs) for m, rs in rounds.items()}
             base = results.get("process")
-            print(f"\n{name}: {len(next(iter(results.values()))['metrics'])} trials")
+            print(f"\n{name}: {len(next(iter(results.values()))['metrics'])} trials, "
+                  f"{args.rounds} round(s)")  # fmt: skip
             print("| mode | programs | wall s | speed-up | training share | "
-                  "median / max rel. diff of the metric |")  # fmt: skip
-            print("| --- | --- | --- | --- | --- | --- |")
+                  "median / max rel. diff of the metric | every round's wall s |")  # fmt: skip
+            print("| --- | --- | --- | --- | --- | --- | --- |")
             for mode, r in results.items():
                 speedup = f"{base['wall'] / r['wall']:.2f}x" if base else "n/a"
                 # a PyTorch trial starts from its own initialisation: no metric to compare
@@ -176,8 +195,9 @@ def main() -> None:
                 diffs = [abs(r["metrics"][k] - v) / max(abs(v), 1e-30)
                          for k, v in reference.items()] or [float("nan")]  # fmt: skip
                 share = 100 * r["training"] / r["wall"]
+                every = " / ".join(f"{x['wall']:.1f}" for x in rounds[mode])
                 row = [mode, r["groups"], f"{r['wall']:.1f}", speedup, f"{share:.0f}%",
-                       f"{np.median(diffs):.2g} / {max(diffs):.2g}"]  # fmt: skip
+                       f"{np.median(diffs):.2g} / {max(diffs):.2g}", every]  # fmt: skip
                 print("| " + " | ".join(map(str, row)) + " |", flush=True)
 
 

@@ -1,0 +1,144 @@
+"""What a trial's figures cost to save: savefig's two-pass tight crop against the
+one-pass render of `experiment.figures.png_bytes`, and TensorBoard's image logging.
+
+    python benchmarks/figure_saving.py [--repeats 12]
+
+The figures are the tasks' own (`tasks/running_average.plot_results`: three per
+trial; `tasks/linear_ae.plot_training` and `plot_singular_values`: two), drawn
+afresh for every save from a small model's values, the two ways interleaved so
+that the shared machine's drift hits both alike. Printed: milliseconds per trial's
+figures each way, and per image logged to TensorBoard (the PNG as written, against
+tensorboardX's add_image, which decodes, rescales and encodes it again). The
+numbers go in BENCHMARKS.md ("Whole studies").
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiment.figures import plain_log_labels, png_bytes, pyplot
+
+
+class Saver:
+    """A Run stand-in whose save_figure saves one way and keeps the last PNG."""
+
+    def __init__(self, one_pass: bool):
+        self.one_pass, self.png = one_pass, b""
+
+    def save_figure(self, fig, name, step=None):
+        plain_log_labels(fig)
+        if self.one_pass:
+            self.png = png_bytes(fig, dpi=110)
+        else:
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+            self.png = buffer.getvalue()
+        pyplot().close(fig)
+
+
+def running_average_figures():
+    """plot_results(run) of a small untrained RNN with a 7-point evaluation history."""
+    from tasks import running_average
+    from training.loop import FitResult, init_train_state
+    from training.optim import make_optimizer
+
+    cfg = running_average.Config(num_eval=200)
+    problem = running_average.make_problem(cfg)
+    graphdef, state = init_train_state(problem, make_optimizer(cfg), cfg)
+    history = [
+        {"step": s, "mse_all_steps": 0.1 * 0.5**i, "mse_last_step": 0.2 * 0.6**i}
+        for i, s in enumerate(range(0, 3001, 500))
+    ]
+    result = FitResult(graphdef, state.params, 1, history, {})
+    return lambda run: running_average.plot_results(cfg, run, result, problem)
+
+
+def linear_ae_figures():
+    """plot_training and plot_singular_values of a decaying 5-point history."""
+    from tasks import linear_ae
+
+    cfg = linear_ae.Config(weight_decay=0.01)
+    rng = np.random.default_rng(0)
+    keys = ("subspace_distance", "orthonormality_error", "imbalance")
+    history = [{"step": s, **{k: 10 ** -(s / 800) for k in keys}} for s in range(0, 2001, 500)]
+    spec = types.SimpleNamespace(eigenvalues=np.sort(rng.uniform(0.1, 3, 100))[::-1])
+    results = {0.01: {"singular_values_W2": rng.uniform(0, 1, cfg.latent_dim).tolist()}}
+
+    def draw(run):
+        linear_ae.plot_training(cfg, run, history)
+        linear_ae.plot_singular_values(cfg, run, spec, results)
+
+    return draw
+
+
+def per_trial_ms(draw, repeats: int) -> dict[str, float]:
+    """Milliseconds per trial's figures, two-pass and one-pass, interleaved."""
+    totals = {"two-pass": 0.0, "one-pass": 0.0}
+    for name in totals:  # warm: imports, fonts, compiled predictions
+        draw(Saver(name == "one-pass"))
+    for _ in range(repeats):
+        for name in totals:
+            start = time.perf_counter()
+            draw(Saver(name == "one-pass"))
+            totals[name] += time.perf_counter() - start
+    return {k: 1000 * v / repeats for k, v in totals.items()}
+
+
+def tensorboard_image_ms(png: bytes, repeats: int) -> dict[str, float]:
+    """Milliseconds per image logged: the PNG as it is against add_image."""
+    import matplotlib.image
+    from tensorboardX import SummaryWriter
+
+    from experiment.writers import TensorBoardWriter
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "figure.png"
+        path.write_bytes(png)
+        ours = TensorBoardWriter(Path(directory) / "ours")
+        theirs = SummaryWriter(logdir=str(Path(directory) / "theirs"))
+        totals = {"PNG as written": 0.0, "add_image": 0.0}
+        for step in range(repeats + 1):
+            start = time.perf_counter()
+            ours.image("figure", path, step)
+            middle = time.perf_counter()
+            pixels = matplotlib.image.imread(str(path))[..., :3]
+            theirs.add_image("figure", pixels, step, dataformats="HWC")
+            end = time.perf_counter()
+            if step:  # the first is a warm-up
+                totals["PNG as written"] += middle - start
+                totals["add_image"] += end - middle
+        ours.close()
+        theirs.close()
+    return {k: 1000 * v / repeats for k, v in totals.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=12)
+    args = parser.parse_args()
+    for name, figures in (
+        ("running_average (3 figures)", running_average_figures()),
+        ("linear_ae (2 figures)", linear_ae_figures()),
+    ):
+        ms = per_trial_ms(figures, args.repeats)
+        saved = 1 - ms["one-pass"] / ms["two-pass"]
+        print(f"{name}: two-pass {ms['two-pass']:.0f} ms, one-pass {ms['one-pass']:.0f} ms "
+              f"per trial ({100 * saved:.0f}% less)", flush=True)  # fmt: skip
+    saver = Saver(one_pass=True)
+    running_average_figures()(saver)
+    ms = tensorboard_image_ms(saver.png, args.repeats)
+    print("TensorBoard image: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()))
+
+
+if __name__ == "__main__":
+    main()
