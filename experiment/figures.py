@@ -106,9 +106,10 @@ def png_bytes(fig, dpi: int) -> bytes:
 
     savefig draws a figure twice for a tight crop: once to measure its extent, once to
     render it. Here it is rendered once, with a margin around it, then measured (the
-    tick labels' text is laid out by then) and cropped: about a third of the time
-    of a figure saved (BENCHMARKS.md, "Whole studies"). A figure that draws beyond the
-    margin (e.g. a legend far outside the axes) is saved the two-pass way."""
+    tick labels' text is laid out by then) and cropped: 15% less time for a
+    running-average trial's figures (benchmarks/figure_saving.py). A figure that
+    draws beyond the margin (e.g. a legend far outside the axes) is saved the
+    two-pass way. The figure is left at `dpi`, laid out (it is closed next)."""
     import io
 
     import matplotlib
