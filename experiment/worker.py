@@ -128,7 +128,8 @@ def run_job(trials: list[dict], results) -> bool:
         handed_on: set[str] = set()
 
         def hand_on(i: int) -> None:
-            hand_on_packed(trials[i], trials[0]["id"], results)
+            note_packed(trials[i], trials[0]["id"])
+            announce_packed([trials[i]], results)
             handed_on.add(trials[i]["id"])
 
         try:
@@ -142,7 +143,7 @@ def run_job(trials: list[dict], results) -> bool:
             return False
         rest = [t for t in trials[1:] if t["id"] not in handed_on]
         for trial in rest:
-            hand_on_packed(trial, trials[0]["id"], results, announce=False)
+            note_packed(trial, trials[0]["id"])
         announce_packed([trials[0], *rest], results)
         return True
     (trial,) = trials
@@ -156,13 +157,10 @@ def run_job(trials: list[dict], results) -> bool:
     return code not in STOP_CODES
 
 
-def hand_on_packed(trial: dict, lead: str, results, announce: bool = True) -> None:
-    """Say in a packed trial's log where its training went, and (announce) tell the
-    executor its own run can start."""
+def note_packed(trial: dict, lead: str) -> None:
+    """Say in a packed trial's log where its training went."""
     with open(trial["log"], "a", encoding="utf-8") as log:
         log.write(f"trained packed with {lead} (see its trial.log)\n")
-    if announce:
-        announce_packed([trial], results)
 
 
 def announce_packed(trials: list[dict], results) -> None:

@@ -86,18 +86,22 @@ class Problem:
     # worker compiles it once, not once per activation). None: make_model's code.
     shared_model: Callable[[nnx.Rngs], nnx.Module] | None = None
 
+    @functools.cached_property
+    def shared_graphdef(self) -> Any:
+        """shared_model's graphdef (None without one), traced once per problem (about
+        25 ms): a run's evaluation and its figures both ask for it."""
+        if self.shared_model is None:
+            return None
+        make = self.shared_model
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
+        return graphdef
+
 
 def eval_graphdef(problem: Problem, graphdef: Any) -> Any:
     """The model code evaluation compiles: shared_model's when the problem has one,
     else `graphdef` (the trained model's)."""
-    if problem.shared_model is None:
-        return graphdef
-    return _graphdef_of(problem.shared_model)
-
-
-def _graphdef_of(make_model: Callable[[nnx.Rngs], nnx.Module]) -> Any:
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(0))))
-    return graphdef
+    shared = problem.shared_graphdef
+    return graphdef if shared is None else shared
 
 
 class TrainState(NamedTuple):
