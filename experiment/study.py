@@ -3,8 +3,9 @@ they can share one compiled program. Used by sweep.py and report.py.
 
 * `--workers W` processes (experiment.worker) run trials one job at a time; imports,
   the JAX runtime and compiled programs are reused from trial to trial. A worker
-  starts as soon as there is work for it to come (e.g. while a packed job trains
-  whose trials then finish as jobs of their own) and warms up while it waits.
+  starts as soon as there is work for it to come (as trials arrive, before they are
+  grouped into jobs; while a packed job trains whose trials then finish as jobs of
+  their own) and warms up while it waits.
 * Packing: pending trials with the same `training.packing.group_key` (configs that
   differ only in seed, learning rate, weight decay or a task's PACKABLE options) go
   to one worker as one job and train as replicas of one program; each trial's own
@@ -238,6 +239,15 @@ def run_trials(
 
     exhausted = False
     cwd = Path.cwd()
+
+    def start_new_slots(count: int) -> None:
+        """Start the first `count` slots never started yet (once per slot: one that dies
+        idle is not restarted; one that dies running a job is, for its next job)."""
+        for i in range(min(count, workers)):
+            if pool[i] is None and i not in started:
+                pool[i] = Worker(i, events, cwd, worker_log)
+                started.add(i)
+
     try:
         while True:
             idle = [i for i, w in enumerate(pool) if w is None or not w.running]
@@ -245,6 +255,10 @@ def run_trials(
                 if not pending and not exhausted:
                     pending += more(len(idle))
                     exhausted = not pending
+                    # the workers this work can use start before it is grouped: their
+                    # imports and JAX start overlap this process's (group_key loads
+                    # the tasks), about 2 s on the 2-core CPU
+                    start_new_slots(len(pending))
                 if not pending:
                     break
                 job = take_job(pending, pack, trained, key_of)
@@ -260,10 +274,7 @@ def run_trials(
             # overlap the training (once per slot: one that dies idle is not restarted)
             busy = [w for w in pool if w is not None and w.running]
             if sum(len(w.running) for w in busy) + len(pending) > len(busy):
-                for i in range(workers):
-                    if pool[i] is None and i not in started:
-                        pool[i] = Worker(i, events, cwd, worker_log)
-                        started.add(i)
+                start_new_slots(workers)
             if not any(w is not None and w.running for w in pool):
                 if pending or not exhausted:
                     continue

@@ -195,3 +195,54 @@ def test_one_pass_png_of_an_empty_figure_and_of_a_laid_out_one():
     assert problems(fig) == []  # laid out once, and still readable
     plt.close(fig)
     assert _decoded(png).shape[1] <= 9 * 50 + 20
+
+
+class _CheckingRun:
+    """A Run stand-in whose save_figure records the figure's problems (figure_check)."""
+
+    def __init__(self):
+        self.found: list[str] = []
+
+    def save_figure(self, fig, name, step=None):
+        plain_log_labels(fig)
+        self.found += [f"{name}.png: {p}" for p in problems(fig)]
+        pyplot().close(fig)
+
+
+@pytest.mark.parametrize(
+    "last_step, high, low",
+    [
+        (2_000_000, 1e5, 1e-12),  # 17 decades, an offset "1e6" on the step axis
+        (2000, 6.3e-3, 2.1e-3),  # under a decade: labels like 6×10⁻³, the widest
+        (0, 0.5, 0.5),  # one evaluation
+    ],
+)
+def test_the_linear_ae_training_figure_has_room_for_its_widest_labels(last_step, high, low):
+    """Its three panels are spaced by fixed settings, not by a layout pass: each panel's
+    tick and axis labels must still stay clear of its neighbour's plot."""
+    from tasks import linear_ae
+
+    points = 8 if last_step else 0
+    history = [
+        {
+            "step": last_step * i // max(points, 1),
+            **{k: high * (low / high) ** (i / max(points, 1)) for k in linear_ae.TRAINING_CURVES},
+        }
+        for i in range(points + 1)
+    ]
+    run = _CheckingRun()
+    linear_ae.plot_training(linear_ae.Config(weight_decay=0.01), run, history)
+    assert run.found == []
+
+
+def test_a_label_reaching_into_the_next_panel_is_a_problem():
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(6, 3))
+    axes[1].set_ylabel("a y label long enough to need room")
+    axes[1].semilogy([0, 1], [1e-12, 1e5])
+    axes[0].plot([0, 1])
+    axes[1].yaxis.label.set_position((0, 0.5))
+    fig.subplots_adjust(wspace=0.0)  # no room at all between the panels
+    found = problems(fig)
+    plt.close(fig)
+    assert any("is drawn over 'axes 0'" in p for p in found), found

@@ -447,8 +447,41 @@ def test_idle_workers_start_while_a_packed_job_trains_and_one_that_dies_idle_is_
     study.run_trials(more, workers=2, pack=True, on_start=jobs.append,
                      on_result=results.append, worker_log=tmp_path / "w.log")  # fmt: skip
     assert [len(job) for job in jobs] == [3]  # one packed job; slot 1 had none to start with
-    # slot 1 was started while the packed job trained; it died idle and was started
-    # again only for a job of its own (not in a loop)
+    # slot 1 was started with the trials' arrival (its packed answer waits for that);
+    # it died idle and was started again only for a job of its own (not in a loop)
     assert ScriptedWorker.created[:2] == [0, 1]
     assert ScriptedWorker.created.count(1) == 2
     assert sorted((r.trial.id, r.exit_code) for r in results) == [("t0", 0), ("t1", 0), ("t2", 0)]
+
+
+@pytest.mark.parametrize("arriving, started", [(3, [0, 1]), (1, [0])])
+def test_workers_start_as_trials_arrive_before_they_are_grouped(
+    tmp_path, monkeypatch, arriving, started
+):
+    """Grouping loads the tasks in the study process (about 2 s): the workers' own start
+    overlaps it. As many start as there are trials to run, up to --workers."""
+    from experiment import study
+
+    monkeypatch.setattr(study, "Worker", ScriptedWorker)
+    ScriptedWorker.created, ScriptedWorker.held = [], []
+    seen_at_grouping: list[list[int]] = []
+    real_group_key = study.group_key
+
+    def group_key(trial):
+        seen_at_grouping.append(list(ScriptedWorker.created))
+        return real_group_key(trial)
+
+    monkeypatch.setattr(study, "group_key", group_key)
+    trials = [study.Trial(f"t{i}", "running_average", {**tokens(RA), "seed": str(i)},
+                          tmp_path / f"t{i}") for i in range(arriving)]  # fmt: skip
+    queue, results = list(trials), []
+
+    def more(idle):
+        chosen = list(queue)
+        queue.clear()
+        return chosen
+
+    study.run_trials(more, workers=2, pack=True, on_start=lambda job: None,
+                     on_result=results.append, worker_log=tmp_path / "w.log")  # fmt: skip
+    assert seen_at_grouping[0] == started
+    assert sorted(r.trial.id for r in results) == [t.id for t in trials]
