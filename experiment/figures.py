@@ -19,6 +19,63 @@ def pyplot():
     return plt
 
 
+# Figures kept for the next run of this process: {key: (fig, axes)}.
+_REUSABLE: dict = {}
+
+
+def reusable_subplots(name: str, nrows: int = 1, ncols: int = 1, *, figsize, **subplot_kw):
+    """`pyplot.subplots(nrows, ncols, figsize=figsize, **subplot_kw)` built once per
+    process for each name and arguments: later calls return the same figure and axes,
+    emptied of what a plot puts in them (`empty_figure`), to draw a run's values again.
+
+    A study's worker draws the same figures for trial after trial. Building the axes
+    and their tick objects is about 40% of a small figure's cost (BENCHMARKS.md), and
+    a reused figure draws the same pixels as a new one (tests/test_figures.py). The
+    figure is not pyplot's: closing it (Run.save_figure does) leaves it for reuse."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    key = (name, nrows, ncols, tuple(figsize), tuple(sorted(subplot_kw.items())))
+    if key in _REUSABLE:
+        fig, axes = _REUSABLE[key]
+        empty_figure(fig)
+        return fig, axes
+    pyplot()  # the Agg backend and matplotlib's settings, as for every figure
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, **subplot_kw)
+    _REUSABLE[key] = fig, axes
+    return fig, axes
+
+
+def empty_figure(fig) -> None:
+    """Take back what plotting put in `fig`: every axes' data (lines, collections,
+    patches, images, texts), legend, title and labels, log scales, data limits and
+    colour cycle; the figure's texts (suptitle) and legends. Its axes, their layout
+    and their tick objects stay."""
+    import matplotlib
+
+    for legend in list(fig.legends):
+        legend.remove()
+    for text in list(fig.texts):
+        text.set_text("")  # the suptitle is kept for fig.suptitle to set again
+    fig.set_dpi(matplotlib.rcParams["figure.dpi"])  # as built (png_bytes changes it)
+    for ax in fig.axes:
+        for artist in [*ax.lines, *ax.collections, *ax.patches, *ax.images, *ax.texts]:
+            artist.remove()
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+        for title in (ax.title, ax._left_title, ax._right_title):
+            title.set_text("")
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+        ax.set_xscale("linear")
+        ax.set_yscale("linear")
+        ax.set_prop_cycle(None)
+        ax.set_autoscale_on(True)
+        ax.relim()
+
+
 def plot_over_seeds(ax, steps, values, label: str, color: str, first_seed: int = 0) -> None:
     """A curve of one run, or of several replicas (values (len(steps), S)): then the mean
     (labelled with the seed count), a band of +-1 std, and thin per-seed lines labelled

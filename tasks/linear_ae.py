@@ -36,7 +36,7 @@ import numpy as np
 from data import datasets
 from experiment.config import option, with_defaults
 from experiment.errors import UsageError
-from experiment.figures import pyplot
+from experiment.figures import reusable_subplots
 from experiment.run import Run
 from models.autoencoders import LinearAutoencoder
 from training.config import TrainConfig
@@ -310,10 +310,8 @@ TRAINING_CURVES = {
 
 
 def plot_training(cfg: Config, run: Run, history: list) -> None:
-    plt = pyplot()
-
     steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
+    fig, axes = reusable_subplots("linear_ae.training", 1, 3, figsize=(14, 3.5))
     # fixed spacing with room for each panel's log tick labels and y label beside its
     # neighbour (tests/test_figures.py checks the widest labels): matplotlib's tight
     # layout found as much in an extra pass over every text, about half the figure's cost
@@ -330,15 +328,13 @@ def plot_training(cfg: Config, run: Run, history: list) -> None:
 
 def plot_singular_values(cfg: Config, run: Run, spec: Spectrum, results: dict) -> None:
     """W2's singular values against lambda: trained points, predicted curves."""
-    plt = pyplot()
-
     eig = spec.eigenvalues[: cfg.latent_dim]
     positive = [lam for lam in results if lam > 0]
     # the predicted curves span the trained lambdas with a factor 2 of margin (and a
     # sensible range when only lambda = 0 was trained)
     hi = max([*positive, 0.1]) * 2
     grid = np.geomspace(min([*positive, 1e-3]) / 2, hi, 200)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = reusable_subplots("linear_ae.singular_values", figsize=(6, 4))
     for s2 in (eig.max(), eig.min()):
         ax.plot(grid, np.sqrt(np.clip(1 - grid / s2, 0, None)), "-", color="0.6", lw=1)
     for lam, res in results.items():

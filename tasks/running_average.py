@@ -18,7 +18,7 @@ from flax import nnx
 
 from data.running_average import make_running_average
 from experiment.config import option, with_defaults
-from experiment.figures import plot_over_seeds, pyplot
+from experiment.figures import plot_over_seeds, reusable_subplots
 from experiment.run import Run
 from models.recurrent import Activation, Cell, Impl, Init, SequenceRegressor
 from models.recurrent_ops import ACTIVATION_NAMES
@@ -185,9 +185,8 @@ def predict(graphdef, params, x, hp):
 
 
 def plot_results(cfg: Config, run: Run, result: FitResult, problem: Problem) -> None:
-    """predictions.png (three held-out sequences), error_by_step.png, eval_curve.png."""
-    plt = pyplot()
-
+    """predictions.png (three held-out sequences), error_by_step.png, eval_curve.png
+    (figures reused from trial to trial in a study's worker: reusable_subplots)."""
     # every held-out prediction in one compiled call (shared by runs of one structure)
     held_out = problem.eval_data
     graphdef = eval_graphdef(problem, result.graphdef)
@@ -195,7 +194,7 @@ def plot_results(cfg: Config, run: Run, result: FitResult, problem: Problem) -> 
     predictions = np.asarray(predict(graphdef, result.replica_params(0), x, problem.hparams))
     x, y, pred = held_out["x"][:3], held_out["y"][:3], predictions[:3]
     t = np.arange(1, cfg.seq_len + 1)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), sharey=True)
+    fig, axes = reusable_subplots("ra.predictions", 1, 3, figsize=(12, 3.2), sharey=True)
     for i, ax in enumerate(axes):
         ax.plot(t, x[i, :, 0], ".", color="0.7", label="input x_t")
         ax.plot(t, y[i, :, 0], "-", color="k", label="running mean")
@@ -207,7 +206,7 @@ def plot_results(cfg: Config, run: Run, result: FitResult, problem: Problem) -> 
 
     with np.errstate(over="ignore", invalid="ignore"):  # a diverged run fails on its summary
         errors = np.square(predictions - held_out["y"])[..., 0]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = reusable_subplots("ra.error_by_step", figsize=(5, 3.2))
     ax.semilogy(t, errors.mean(axis=0), "o-")
     ax.set_xlabel("timestep t")
     ax.set_ylabel("held-out MSE")
@@ -216,7 +215,7 @@ def plot_results(cfg: Config, run: Run, result: FitResult, problem: Problem) -> 
 
     if result.history:
         steps = [h["step"] for h in result.history]
-        fig, ax = plt.subplots(figsize=(5, 3.2))
+        fig, ax = reusable_subplots("ra.eval_curve", figsize=(5, 3.2))
         for key, color in (("mse_all_steps", "C0"), ("mse_last_step", "C1")):
             values = [h[key] for h in result.history]
             plot_over_seeds(ax, steps, values, key, color, first_seed=cfg.seed)

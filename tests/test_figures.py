@@ -246,3 +246,116 @@ def test_a_label_reaching_into_the_next_panel_is_a_problem():
     found = problems(fig)
     plt.close(fig)
     assert any("is drawn over 'axes 0'" in p for p in found), found
+
+
+class _PngRun:
+    """A Run stand-in that keeps each saved figure's PNG, saved as Run.save_figure does."""
+
+    def __init__(self):
+        self.pngs: dict[str, bytes] = {}
+
+    def save_figure(self, fig, name, step=None):
+        plain_log_labels(fig)
+        self.pngs[name] = png_bytes(fig, dpi=110)
+        pyplot().close(fig)
+
+
+def _running_average_plots():
+    """Two running-average trials' plot_results that differ in every value they draw:
+    title, predictions (other seeds), error range, and one seed against three."""
+    from tasks import running_average
+    from training.loop import FitResult, init_train_state
+    from training.optim import make_optimizer
+
+    def plots(last_step_only: bool, seeds: int, decay: float):
+        cfg = running_average.Config(num_eval=64, last_step_only=last_step_only,
+                                     num_seeds=seeds, seed=seeds)  # fmt: skip
+        problem = running_average.make_problem(cfg)
+        graphdef, state = init_train_state(problem, make_optimizer(cfg), cfg)
+        history = [{"step": s, **{k: [0.1 * decay**i * (1 + r) for r in range(seeds)]
+                                  for k in ("mse_all_steps", "mse_last_step")}}
+                   for i, s in enumerate(range(0, 3001, 500))]  # fmt: skip
+        result = FitResult(graphdef, state.params, seeds, history, {})
+        return lambda run: running_average.plot_results(cfg, run, result, problem)
+
+    return plots(False, 1, 0.5), plots(True, 3, 0.05)
+
+
+def _linear_ae_plots():
+    """Two linear-autoencoder trials' figures: 17 decades against one, one lambda
+    trained against three."""
+    import types
+
+    import numpy as np
+
+    from tasks import linear_ae
+
+    def plots(weight_decay: float, high: float, low: float, lambdas: tuple):
+        cfg = linear_ae.Config(weight_decay=weight_decay)
+        history = [{"step": 250 * i, **{k: high * (low / high) ** (i / 8)
+                                        for k in linear_ae.TRAINING_CURVES}}
+                   for i in range(9)]  # fmt: skip
+        rng = np.random.default_rng(len(lambdas))
+        spec = types.SimpleNamespace(eigenvalues=np.sort(rng.uniform(0.1, 3, 100))[::-1])
+        results = {lam: {"singular_values_W2": rng.uniform(0, 1, cfg.latent_dim).tolist()}
+                   for lam in lambdas}  # fmt: skip
+
+        def draw(run):
+            linear_ae.plot_training(cfg, run, history)
+            linear_ae.plot_singular_values(cfg, run, spec, results)
+
+        return draw
+
+    return plots(0.01, 1e5, 1e-12, (0.01,)), plots(0.3, 6e-3, 2e-3, (0.0, 0.003, 0.3))
+
+
+@pytest.mark.parametrize("plots", [_running_average_plots, _linear_ae_plots])
+def test_a_reused_figure_draws_the_pixels_of_a_new_one(plots, monkeypatch):
+    """Figures a worker reuses from trial to trial (reusable_subplots) must show nothing
+    of the trial drawn before: each PNG equals the one drawn on a new figure."""
+    from experiment import figures
+
+    first, second = plots()
+    for earlier, later in ((first, second), (second, first)):
+        monkeypatch.setattr(figures, "_REUSABLE", {})
+        new = _PngRun()
+        later(new)
+        reused = _PngRun()
+        earlier(reused)
+        later(reused)
+        assert new.pngs.keys() == reused.pngs.keys()
+        for name in new.pngs:
+            assert _decoded(reused.pngs[name]).shape == _decoded(new.pngs[name]).shape, name
+            assert reused.pngs[name] == new.pngs[name], name
+
+
+def test_an_emptied_figure_keeps_nothing_of_a_different_plot(monkeypatch):
+    """What the earlier plot set and the later does not (log scales, titles, a legend,
+    texts, a band, a suptitle) is gone from the reused figure."""
+    from experiment import figures
+
+    def earlier(run):
+        fig, axes = figures.reusable_subplots("any", 1, 2, figsize=(6, 3))
+        for ax in axes:
+            ax.loglog([1, 10, 100], [1e-3, 1e-1, 1e2], label="a curve")
+            ax.fill_between([1, 100], [1e-4, 1e-2], [1, 1e3], alpha=0.3)
+            ax.set_title("a title")
+            ax.set_xlabel("x")
+            ax.text(10, 1, "a note")
+            ax.legend()
+        fig.suptitle("a suptitle")
+        run.save_figure(fig, "figure")
+
+    def later(run):
+        fig, axes = figures.reusable_subplots("any", 1, 2, figsize=(6, 3))
+        for ax in axes:
+            ax.plot([0, 1, 2], [3, 1, 2])
+        run.save_figure(fig, "figure")
+
+    monkeypatch.setattr(figures, "_REUSABLE", {})
+    new = _PngRun()
+    later(new)
+    reused = _PngRun()
+    earlier(reused)
+    later(reused)
+    assert reused.pngs["figure"] == new.pngs["figure"]
