@@ -24,7 +24,7 @@ from data import datasets
 from data.datasets import Data
 from experiment.config import from_dict, option, with_defaults
 from experiment.errors import UsageError
-from experiment.figures import plot_over_seeds, pyplot
+from experiment.figures import plot_over_seeds, pyplot, reusable_subplots
 from experiment.run import Run
 from models.autoencoders import Autoencoder, add_noise, apply_mask, random_mask
 from training.config import TrainConfig
@@ -303,13 +303,11 @@ def run(cfg: Config, run: Run) -> dict:
 
 
 def plot_curve(run: Run, result: FitResult, first_seed: int = 0) -> None:
-    plt = pyplot()
-
     if not result.history:
         return
     steps = [h["step"] for h in result.history]
     values = [h["recon_mse"] for h in result.history]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = reusable_subplots("autoencoder.recon_curve", figsize=(5, 3.2))
     plot_over_seeds(ax, steps, values, "recon_mse", "C0", first_seed)
     ax.legend(fontsize=8)
     ax.set_xlabel("step")

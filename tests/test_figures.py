@@ -309,7 +309,21 @@ def _linear_ae_plots():
     return plots(0.01, 1e5, 1e-12, (0.01,)), plots(0.3, 6e-3, 2e-3, (0.0, 0.003, 0.3))
 
 
-@pytest.mark.parametrize("plots", [_running_average_plots, _linear_ae_plots])
+def _autoencoder_plots():
+    """Two autoencoders' reconstruction curves: one seed over a decade, three over four."""
+    from tasks import autoencoder
+    from training.loop import FitResult
+
+    def plots(seeds: int, decay: float):
+        history = [{"step": 100 * i, "recon_mse": [0.1 * decay**i * (1 + r) for r in range(seeds)]}
+                   for i in range(6)]  # fmt: skip
+        result = FitResult(None, None, seeds, history, {})
+        return lambda run: autoencoder.plot_curve(run, result, first_seed=seeds)
+
+    return plots(1, 0.6), plots(3, 0.15)
+
+
+@pytest.mark.parametrize("plots", [_running_average_plots, _linear_ae_plots, _autoencoder_plots])
 def test_a_reused_figure_draws_the_pixels_of_a_new_one(plots, monkeypatch):
     """Figures a worker reuses from trial to trial (reusable_subplots) must show nothing
     of the trial drawn before: each PNG equals the one drawn on a new figure."""
