@@ -687,7 +687,8 @@ def run_experiments(opts, runs_dir: Path) -> dict[str, Outcome]:
 
     runs_dir.mkdir(parents=True, exist_ok=True)
     run_trials(more, workers=opts.workers, pack=not opts.no_pack, on_start=on_start,
-               on_result=on_result, worker_log=runs_dir / "workers.log")  # fmt: skip
+               on_result=on_result, worker_log=runs_dir / "workers.log",
+               expected=len(trials))  # fmt: skip
     return {name: outcomes[name] for name in experiments if name in outcomes}
 
 

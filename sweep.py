@@ -281,6 +281,17 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
+def still_to_propose(spec: dict, state: SweepState, count: int | None) -> int:
+    """How many trials the sweep has yet to propose (the grid's size or --count, less
+    the trials it has): how many workers to start before the first proposal."""
+    total = count or 0
+    if spec["method"] == "grid":
+        params = spec["parameters"].values()
+        size = math.prod(len(p["values"]) if "values" in p else 1 for p in params)
+        total = size if count is None else min(count, size)
+    return max(0, total - len(state.trials))
+
+
 def sweep_identity(directory: Path, spec: dict, seed: int) -> str:
     """'<name>-<id>' of a sweep: its directory's name and a hash of where it runs, what it
     searches and its seed, so trials of different sweeps never share a W&B group, and a
@@ -407,7 +418,8 @@ def run_sweep(
 
     try:
         run_trials(more, workers=workers, pack=pack, on_start=on_start, on_result=on_result,
-                   worker_log=directory / "workers.log")  # fmt: skip
+                   worker_log=directory / "workers.log",
+                   expected=len(resume) + still_to_propose(spec, state, count))  # fmt: skip
     finally:
         state.save()  # interrupted trials stay "running" and resume later
     return state

@@ -126,7 +126,8 @@ def run_executor(trials: list[Trial], pack: bool, workers: int) -> list[list[Tri
             failed.append(result)
 
     run_trials(more, workers=workers, pack=pack, on_start=jobs.append, on_result=on_result,
-               worker_log=trials[0].workdir.parent / "workers.log")  # fmt: skip
+               worker_log=trials[0].workdir.parent / "workers.log",
+               expected=len(trials))  # fmt: skip
     if failed:
         raise SystemExit(f"{len(failed)} trials failed, e.g. {failed[0].trial.log}")
     return jobs

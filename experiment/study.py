@@ -220,11 +220,14 @@ def run_trials(
     on_start: Callable[[list[Trial]], None],
     on_result: Callable[[Result], None],
     worker_log: Path,
+    expected: int = 0,
 ) -> None:
     """Run trials until `more` has none left: `more(idle)` is asked for trials whenever
     a worker is idle and none are pending (it may return more than `idle`, e.g. a
     whole grid, which packing can then group). `on_start(job)` and `on_result(result)`
-    are called in this process as jobs start and trials end."""
+    are called in this process as jobs start and trials end. `expected`: how many
+    trials the caller knows `more` will give; that many workers (up to `workers`)
+    start before it is first asked, so their start overlaps its proposals."""
     events: queue.Queue = queue.Queue()
     pool: list[Worker | None] = [None] * workers
     pending: list[Trial] = []
@@ -249,6 +252,7 @@ def run_trials(
                 started.add(i)
 
     try:
+        start_new_slots(expected)
         while True:
             idle = [i for i, w in enumerate(pool) if w is None or not w.running]
             for i in idle:

@@ -485,3 +485,25 @@ def test_workers_start_as_trials_arrive_before_they_are_grouped(
                      on_result=results.append, worker_log=tmp_path / "w.log")  # fmt: skip
     assert seen_at_grouping[0] == started
     assert sorted(r.trial.id for r in results) == [t.id for t in trials]
+
+
+def test_workers_the_caller_expects_start_before_the_first_trials_are_asked_for(
+    tmp_path, monkeypatch
+):
+    from experiment import study
+
+    monkeypatch.setattr(study, "Worker", ScriptedWorker)
+    ScriptedWorker.created, ScriptedWorker.held = [], []
+    trials = [study.Trial("t0", "running_average", tokens(RA), tmp_path / "t0")]
+    queue, asked_with = list(trials), []
+
+    def more(idle):
+        asked_with.append(list(ScriptedWorker.created))
+        chosen = list(queue)
+        queue.clear()
+        return chosen
+
+    study.run_trials(more, workers=2, pack=True, on_start=lambda job: None,
+                     on_result=lambda result: None, worker_log=tmp_path / "w.log",
+                     expected=5)  # fmt: skip
+    assert asked_with[0] == [0, 1]  # up to --workers, however many are expected

@@ -348,3 +348,18 @@ def test_a_png_header_gives_its_size_and_channels(mode, channels):
     assert png_shape(buffer.getvalue()) == (7, 3, channels)
     with pytest.raises(ValueError, match="not a PNG"):
         png_shape(b"GIF89a" + bytes(30))
+
+
+@pytest.mark.parametrize(
+    "method, count, had, expected",
+    [("grid", None, 0, 6), ("grid", None, 4, 2), ("grid", 4, 1, 3), ("grid", 9, 0, 6),
+     ("random", 5, 2, 3), ("random", 5, 7, 0)],
+)  # fmt: skip
+def test_the_workers_to_start_follow_what_is_left_to_propose(method, count, had, expected):
+    import types
+
+    spec = {"method": method,
+            "parameters": {"cell": {"values": ["rnn", "lstm"]}, "hidden_size": {"value": 8},
+                           "activation": {"values": ["tanh", "relu", "identity"]}}}  # fmt: skip
+    state = types.SimpleNamespace(trials=[{}] * had)
+    assert sweep.still_to_propose(spec, state, count) == expected
