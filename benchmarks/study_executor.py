@@ -17,8 +17,9 @@ machine, each with a cold JAX compilation cache of its own:
 
 With --rounds N every mode runs N times, the modes interleaved (process,
 in-process, ..., process, ...), and each mode's median round is reported, with
-every round's wall time: the shared 2-core machine's speed drifts by 10-40%
-over minutes, which a single round per mode attributes to whichever mode ran then.
+every round's wall time and every round's speed-up over the `process` run of
+the same round: the shared 2-core machine's speed drifts by 10-40% over
+minutes, which a single round per mode attributes to whichever mode ran then.
 
 Printed per mode: wall seconds, speed-up over `process`, the share of wall time
 spent training (each packed group's training counted once), and the largest
@@ -187,8 +188,9 @@ def main() -> None:
             print(f"\n{name}: {len(next(iter(results.values()))['metrics'])} trials, "
                   f"{args.rounds} round(s)")  # fmt: skip
             print("| mode | programs | wall s | speed-up | training share | "
-                  "median / max rel. diff of the metric | every round's wall s |")  # fmt: skip
-            print("| --- | --- | --- | --- | --- | --- | --- |")
+                  "median / max rel. diff of the metric | every round's wall s | "
+                  "every round's speed-up |")  # fmt: skip
+            print("| --- | --- | --- | --- | --- | --- | --- | --- |")
             for mode, r in results.items():
                 speedup = f"{base['wall'] / r['wall']:.2f}x" if base else "n/a"
                 # a PyTorch trial starts from its own initialisation: no metric to compare
@@ -197,8 +199,17 @@ def main() -> None:
                          for k, v in reference.items()] or [float("nan")]  # fmt: skip
                 share = 100 * r["training"] / r["wall"]
                 every = " / ".join(f"{x['wall']:.1f}" for x in rounds[mode])
+                # each round against the `process` run of the same round (minutes apart,
+                # so less of the machine's drift between them)
+                paired = (
+                    " / ".join(
+                        f"{p['wall'] / x['wall']:.2f}x"
+                        for p, x in zip(rounds.get("process", []), rounds[mode], strict=False)
+                    )
+                    or "n/a"
+                )
                 row = [mode, r["groups"], f"{r['wall']:.1f}", speedup, f"{share:.0f}%",
-                       f"{np.median(diffs):.2g} / {max(diffs):.2g}", every]  # fmt: skip
+                       f"{np.median(diffs):.2g} / {max(diffs):.2g}", every, paired]  # fmt: skip
                 print("| " + " | ".join(map(str, row)) + " |", flush=True)
 
 
