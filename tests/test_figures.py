@@ -323,24 +323,31 @@ def _autoencoder_plots():
     return plots(1, 0.6), plots(3, 0.15)
 
 
+def _drawn_new_and_reused(earlier, later, monkeypatch) -> tuple[dict, dict]:
+    """The PNGs `later(run)` saves on new figures, and on the figures `earlier(run)` used."""
+    from experiment import figures
+
+    monkeypatch.setattr(figures, "_REUSABLE", {})
+    new = _PngRun()
+    later(new)
+    reused = _PngRun()
+    earlier(reused)
+    later(reused)
+    return new.pngs, reused.pngs
+
+
 @pytest.mark.parametrize("plots", [_running_average_plots, _linear_ae_plots, _autoencoder_plots])
 def test_a_reused_figure_draws_the_pixels_of_a_new_one(plots, monkeypatch):
     """Figures a worker reuses from trial to trial (reusable_subplots) must show nothing
     of the trial drawn before: each PNG equals the one drawn on a new figure."""
-    from experiment import figures
 
     first, second = plots()
     for earlier, later in ((first, second), (second, first)):
-        monkeypatch.setattr(figures, "_REUSABLE", {})
-        new = _PngRun()
-        later(new)
-        reused = _PngRun()
-        earlier(reused)
-        later(reused)
-        assert new.pngs.keys() == reused.pngs.keys()
-        for name in new.pngs:
-            assert _decoded(reused.pngs[name]).shape == _decoded(new.pngs[name]).shape, name
-            assert reused.pngs[name] == new.pngs[name], name
+        new, reused = _drawn_new_and_reused(earlier, later, monkeypatch)
+        assert new.keys() == reused.keys()
+        for name in new:
+            assert _decoded(reused[name]).shape == _decoded(new[name]).shape, name
+            assert reused[name] == new[name], name
 
 
 def test_an_emptied_figure_keeps_nothing_of_a_different_plot(monkeypatch):
@@ -366,10 +373,5 @@ def test_an_emptied_figure_keeps_nothing_of_a_different_plot(monkeypatch):
             ax.plot([0, 1, 2], [3, 1, 2])
         run.save_figure(fig, "figure")
 
-    monkeypatch.setattr(figures, "_REUSABLE", {})
-    new = _PngRun()
-    later(new)
-    reused = _PngRun()
-    earlier(reused)
-    later(reused)
-    assert reused.pngs["figure"] == new.pngs["figure"]
+    new, reused = _drawn_new_and_reused(earlier, later, monkeypatch)
+    assert reused["figure"] == new["figure"]
