@@ -90,11 +90,13 @@ class Problem:
     def shared_graphdef(self) -> Any:
         """shared_model's graphdef (None without one), traced once per problem (about
         25 ms): a run's evaluation and its figures both ask for it."""
-        if self.shared_model is None:
-            return None
-        make = self.shared_model
-        graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
-        return graphdef
+        return None if self.shared_model is None else abstract_graphdef(self.shared_model)
+
+
+def abstract_graphdef(make_model: Callable[[nnx.Rngs], nnx.Module]) -> Any:
+    """The graphdef of the model `make_model` builds, traced without computing it."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(0))))
+    return graphdef
 
 
 def eval_graphdef(problem: Problem, graphdef: Any) -> Any:
@@ -207,7 +209,7 @@ def init_replicas(
     """(graphdef, initial state) of one replica per seed in `seeds` (a leading replica
     axis on every leaf when `replicated`, else the one seed's state). shapes_only: the
     state's shapes and dtypes, with nothing compiled or computed."""
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: problem.make_model(nnx.Rngs(0))))
+    graphdef = abstract_graphdef(problem.make_model)
     init = functools.partial(_init_params, problem.make_model)
 
     def one(seed):
