@@ -28,7 +28,7 @@ from experiment.figures import plot_over_seeds, pyplot, reusable_subplots
 from experiment.run import Run
 from models.autoencoders import Autoencoder, add_noise, apply_mask, random_mask
 from training.config import TrainConfig
-from training.loop import FitResult, Problem, fit
+from training.loop import FitResult, Problem, fit, initial_model
 from training.probe import ProbeResult, linear_probe, pca_basis, pca_reconstruction_mse
 from training.summary import replica_summary
 
@@ -277,7 +277,7 @@ def run(cfg: Config, run: Run) -> dict:
     problem = make_problem(cfg, data)
     result = fit(train_cfg, problem, run)
     trained = evaluate_replicas(cfg, result, data)
-    untrained = probe_model(cfg, problem.make_model(nnx.Rngs(jax.random.key(cfg.seed))), data)
+    untrained = probe_model(cfg, initial_model(problem, train_cfg), data)
     mean, basis, _ = pca_basis(data.x_train)
     k = min(cfg.latent_dim, data.x_train.shape[1])
     summary = {

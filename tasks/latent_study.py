@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
-from flax import nnx
 
 from experiment.config import option
 from experiment.errors import UsageError
 from experiment.figures import pyplot
 from experiment.run import Run
 from tasks import autoencoder
-from training.loop import fit
+from training.loop import fit, initial_model
 from training.probe import pca_basis, pca_features, pca_reconstruction_mse
 
 DEFAULT_SIZES = {"synthetic": (5, 20, 100, 200), "mnist": (8, 32, 64, 128)}
@@ -68,7 +66,7 @@ def run(cfg: Config, run: Run) -> dict:
         train_cfg = autoencoder.training_config(ae_cfg, len(data.x_train))
         result = fit(train_cfg, problem, run, desc=f"latent {k}", model=f"latent_{k}")
         trained = autoencoder.evaluate_replicas(ae_cfg, result, data)
-        initial = problem.make_model(nnx.Rngs(jax.random.key(cfg.seed)))
+        initial = initial_model(problem, train_cfg)
         rows[k] = {
             "trained": {key: float(np.mean(v)) for key, v in trained.items()},
             "untrained": autoencoder.probe_model(ae_cfg, initial, data),

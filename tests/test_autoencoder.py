@@ -179,6 +179,29 @@ def test_configs_saved_before_steps_became_optional_still_load():
     assert autoencoder.config_from_saved(to_dict(autoencoder.Config(epochs=0, steps=7))).steps == 7
 
 
+@pytest.mark.parametrize("num_seeds", [1, 3])
+def test_the_untrained_baseline_is_the_network_that_training_starts_from(num_seeds):
+    """initial_model: seed 5's network, drawn by training's own init program (one seed
+    or the vmapped several); the eager draw for that seed is the independent reference."""
+    from training.loop import initial_model
+
+    cfg = autoencoder.Config(
+        seed=5, num_seeds=num_seeds, num_train=200, num_test=50, hidden_sizes=(16,), latent_dim=3
+    )
+    data = autoencoder.load_data(cfg)
+    problem = autoencoder.make_problem(cfg, data)
+    model = initial_model(problem, autoencoder.training_config(cfg, len(data.x_train)))
+    drawn = problem.make_model(nnx.Rngs(jax.random.key(5)))
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    reference = jax.tree.leaves(nnx.state(drawn, nnx.Param))
+    assert [a.shape for a in leaves] == [b.shape for b in reference]
+    for a, b in zip(leaves, reference, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    # seed 6 (replica 1) is another network: the one returned is replica 0's
+    other = problem.make_model(nnx.Rngs(jax.random.key(6)))
+    assert not np.allclose(leaves[0], jax.tree.leaves(nnx.state(other, nnx.Param))[0])
+
+
 def test_latent_study_draws_trained_untrained_and_pca(train_cli, tmp_path):
     code, _, err = train_cli(
         "--task=latent_study", "--latent_sizes=2,8", *fast(60), f"--workdir={tmp_path}"

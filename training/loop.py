@@ -233,6 +233,20 @@ def init_replicas(
     return graphdef, lowered.compile(options)(seed_arg)  # type: ignore[arg-type]
 
 
+def initial_model(problem: Problem, cfg: TrainConfig) -> nnx.Module:
+    """The network replica 0 (seed cfg.seed) starts training from: an untrained baseline.
+
+    Built by the same compiled program as `fit`'s initialisation, so after a fit it is
+    a compilation-cache hit, where drawing the model eagerly compiles a program per
+    parameter shape (about 2 s of a latent study's 4 sizes on the 2-core CPU); and it
+    is exactly the trained network's starting point."""
+    graphdef, state = init_train_state(problem, make_optimizer(cfg), cfg)
+    params = state.params
+    if cfg.num_seeds > 1:
+        params = jax.tree.map(lambda a: a[0], params)
+    return nnx.merge(graphdef, params)
+
+
 def _cast_floats(tree, dtype):
     def cast(x):
         return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
