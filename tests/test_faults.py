@@ -213,6 +213,60 @@ def test_the_guard_covers_updated_parameters_and_optimizer_state():
     jax.tree.map(np.testing.assert_array_equal, new.params, state.params)  # the old kept
 
 
+def test_an_update_with_a_finite_norm_cannot_overflow_finite_parameters():
+    """Why the step's guard need not read the new parameters: a finite update norm (a
+    plain sum of squares) bounds each update below 1.9e19, and no finite float32 plus
+    such an update rounds to infinity (the gap from the largest float32 to it is 1e31)."""
+    import jax.numpy as jnp
+    import optax
+
+    top = float(np.finfo(np.float32).max)
+    for sign in (1.0, -1.0):  # the largest update a finite norm allows, at either limit
+        params = jnp.array([sign * top, 1.0], jnp.float32)
+        updates = jnp.array([sign * 1.8e19, 0.0], jnp.float32)
+        assert np.isfinite(optax.tree.norm(updates))
+        assert np.isfinite(np.asarray(optax.apply_updates(params, updates))).all()
+    assert not np.isfinite(optax.tree.norm(jnp.float32(1.9e19)))  # a larger one is flagged
+
+
+def test_non_finite_replicas_names_the_replicas_with_a_non_finite_value():
+    import jax.numpy as jnp
+
+    from training.loop import TrainState, non_finite_replicas
+
+    params = {"w": jnp.ones((3, 2, 2)), "b": jnp.zeros((3, 2))}
+    opt_state = {"nu": jnp.ones((3, 2, 2)).at[2, 1, 0].set(jnp.inf), "count": jnp.zeros(3, int)}
+    state = TrainState(jnp.zeros(3, int), params, opt_state, jnp.zeros((3, 2), jnp.uint32),
+                       jnp.full(3, -1))  # fmt: skip
+    assert non_finite_replicas(state, 3) == [2]
+    state = state._replace(params={**params, "b": params["b"].at[0, 1].set(jnp.nan)})
+    assert non_finite_replicas(state, 3) == [0, 2]
+    one = jax.tree.map(lambda a: a[1], state)
+    assert non_finite_replicas(one, 0) == []
+    assert non_finite_replicas(jax.tree.map(lambda a: a[2], state), 0) == [0]
+
+
+def test_an_optimizer_state_that_overflows_is_never_written(train_cli, tmp_path):
+    """An L2 penalty of 1e30 squared by Adam overflows its second moment while the loss,
+    the gradient and the update (0 where the moment is infinite) stay finite: the step's
+    guard passes, and the check before every checkpoint stops the run instead."""
+    code, _, err = train_cli(
+        "--task=running_average",
+        *TINY,
+        "--weight_decay=1e30",
+        "--steps=40",
+        "--steps_per_call=4",
+        "--checkpoint_every=8",
+        f"--workdir={tmp_path}",
+    )
+    assert code == 1 and "Traceback" not in err
+    assert "non-finite parameters or optimizer state by step 8" in err
+    assert "no checkpoint was written" in err
+    assert Checkpoints(tmp_path / "checkpoints").all_steps() == []
+    assert not (tmp_path / "summary.json").exists()
+    assert json.loads((tmp_path / "failure.json").read_text())["exit_code"] == 1
+
+
 def test_an_overflowing_one_step_run_never_exits_0(train_cli, tmp_path):
     """`--steps=1` with an overflowing learning rate used to print `done:`, exit 0 and
     write `"train_loss": null`."""

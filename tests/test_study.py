@@ -158,6 +158,33 @@ def test_a_diverging_trial_stops_alone_and_keeps_its_last_finite_checkpoint(tmp_
         trained(running_average, bad, tmp_path / "bad", "running_average")
 
 
+def test_a_trial_whose_optimizer_state_overflows_stops_alone_at_its_first_checkpoint(tmp_path):
+    """weight_decay=1e30 overflows Adam's second moment with a finite update: the step's
+    guard passes, the check of each trial's state before its checkpoint stops it."""
+    args = [*RA, "--checkpoint_every=8", "--log_every=4", "--steps_per_call=4"]
+    good, bad = (
+        config(running_average, args, weight_decay=1e-3),
+        config(running_average, args, weight_decay=1e30),
+    )
+    members = [member(running_average, c, tmp_path / n, "running_average")
+               for c, n in ((good, "good"), (bad, "bad"))]  # fmt: skip
+    try:
+        fit_packed(members)
+    finally:
+        for m in members:
+            m.run.close()
+    assert members[0].diverged_at is None and members[1].diverged_at == 8
+    assert not any(p.name.isdigit() for p in (tmp_path / "bad" / "checkpoints").iterdir())
+    packed = trained(running_average, good, tmp_path / "good", "running_average")
+    alone = trained(running_average, good, tmp_path / "alone", "running_average")
+    assert packed.stats["steps"] == 40
+    assert_same_training(packed, alone)
+    from experiment.errors import RunFailed
+
+    with pytest.raises(RunFailed, match="optimizer state by step 8"):
+        trained(running_average, bad, tmp_path / "bad", "running_average")
+
+
 # ------------------------------------------------------------------ the executor
 
 

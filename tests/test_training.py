@@ -118,7 +118,7 @@ def test_non_finite_loss_stops_with_exit_1_and_keeps_good_checkpoints(tmp_path, 
     )
     err = capsys.readouterr().err
     assert code == 1
-    assert "non-finite loss, gradient or parameters at step" in err and "--clip_grad_norm" in err
+    assert "non-finite loss, gradient or update at step" in err and "--clip_grad_norm" in err
     assert not (workdir / "summary.json").exists()
     assert json.loads((workdir / "failure.json").read_text())["exit_code"] == 1
     step, params, train_state = final_params(workdir)

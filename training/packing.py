@@ -60,6 +60,7 @@ from training.loop import (
     init_replicas,
     jitted_eval,
     make_train_step,
+    non_finite_replicas,
     run_chunks,
     scan_steps,
     task_args,
@@ -303,14 +304,24 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc, trained) -> No
             for i in alive():
                 if not (last_saved[i] == at_step or at_step in held[i]):
                     host = jax.device_get(state) if host is None else host
-                    save_member(i, at_step, host, compilations)
+                    if not save_member(i, at_step, host, compilations):
+                        continue
                 if at_step >= cfg.steps and i not in finished:
                     finished.add(i)  # its training is complete and on disk
                     trained(i)
 
-    def save_member(i: int, at_step: int, host: TrainState, compilations: int) -> None:
+    def save_member(i: int, at_step: int, host: TrainState, compilations: int) -> bool:
+        """Write member i's checkpoint; False (and the member stopped) when its state is
+        not finite (what the step's guard does not read: see make_train_step)."""
         m = members[i]
-        mine = jax.tree.map(jnp.asarray, _member_slice(host, i, seeds_per))
+        mine = _member_slice(host, i, seeds_per)
+        if non_finite_replicas(mine, seeds_per if seeds_per > 1 else 0):
+            m.diverged_at = at_step
+            print(f"note: {m.run.workdir.name}'s parameters or optimizer state are non-finite "
+                  f"by step {at_step}; stopped it (last checkpoint: step {last_saved[i]}); "
+                  "the other packed trials go on", flush=True)  # fmt: skip
+            return False
+        mine = jax.tree.map(jnp.asarray, mine)
         stores[i].save(
             at_step,
             mine.params,
@@ -319,6 +330,7 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc, trained) -> No
             segments[i].totals(histories[i], compilations),
         )
         last_saved[i] = at_step
+        return True
 
     def add_compile_time(seconds: float) -> None:
         for seg in segments:
