@@ -185,7 +185,8 @@ def test_files_written_are_readable_by_others_under_umask_022(train_cli, tmp_pat
 
 def test_the_guard_covers_updated_parameters_and_optimizer_state():
     """A finite loss and gradient whose update overflows float32 (loss 10 w, SGD at lr
-    1e38: w - 1e39 = -inf). Before, the guard checked only the loss and gradient norm."""
+    1e38: an update of -1e39 = -inf): the update's norm flags the step, and neither the
+    parameters nor the optimizer state take its values."""
     import jax.numpy as jnp
     import optax
     from flax import nnx
