@@ -127,12 +127,9 @@ def test_group_keys_split_what_changes_the_program_and_join_what_does_not():
     assert group_key("surnames", surnames_module, None) is None  # selects its best: alone
 
 
-def test_a_diverging_trial_stops_alone_and_keeps_its_last_finite_checkpoint(tmp_path):
-    args = [*RA, "--optimizer=sgd", "--checkpoint_every=8", "--log_every=4"]
-    good, bad = (
-        config(running_average, args, learning_rate=1e-2),
-        config(running_average, args, learning_rate=3e38),
-    )
+def pack_good_and_bad(tmp_path, good, bad) -> list:
+    """fit_packed a good and a bad trial (workdirs good/, bad/); checks that the bad one
+    stopped alone and the good one trained to the end, equal to its run alone."""
     members = [member(running_average, c, tmp_path / n, "running_average")
                for c, n in ((good, "good"), (bad, "bad"))]  # fmt: skip
     try:
@@ -141,11 +138,20 @@ def test_a_diverging_trial_stops_alone_and_keeps_its_last_finite_checkpoint(tmp_
         for m in members:
             m.run.close()
     assert members[0].diverged_at is None and members[1].diverged_at is not None
-    # the good trial trained to the end, equal to its run alone
     packed = trained(running_average, good, tmp_path / "good", "running_average")
     alone = trained(running_average, good, tmp_path / "alone", "running_average")
     assert packed.stats["steps"] == 40
     assert_same_training(packed, alone)
+    return members
+
+
+def test_a_diverging_trial_stops_alone_and_keeps_its_last_finite_checkpoint(tmp_path):
+    args = [*RA, "--optimizer=sgd", "--checkpoint_every=8", "--log_every=4"]
+    good, bad = (
+        config(running_average, args, learning_rate=1e-2),
+        config(running_average, args, learning_rate=3e38),
+    )
+    members = pack_good_and_bad(tmp_path, good, bad)
     # the diverged one: only finite checkpoints, before the divergence; its own run then
     # fails as it would alone
     steps = sorted(
@@ -166,19 +172,9 @@ def test_a_trial_whose_optimizer_state_overflows_stops_alone_at_its_first_checkp
         config(running_average, args, weight_decay=1e-3),
         config(running_average, args, weight_decay=1e30),
     )
-    members = [member(running_average, c, tmp_path / n, "running_average")
-               for c, n in ((good, "good"), (bad, "bad"))]  # fmt: skip
-    try:
-        fit_packed(members)
-    finally:
-        for m in members:
-            m.run.close()
-    assert members[0].diverged_at is None and members[1].diverged_at == 8
+    members = pack_good_and_bad(tmp_path, good, bad)
+    assert members[1].diverged_at == 8
     assert not any(p.name.isdigit() for p in (tmp_path / "bad" / "checkpoints").iterdir())
-    packed = trained(running_average, good, tmp_path / "good", "running_average")
-    alone = trained(running_average, good, tmp_path / "alone", "running_average")
-    assert packed.stats["steps"] == 40
-    assert_same_training(packed, alone)
     from experiment.errors import RunFailed
 
     with pytest.raises(RunFailed, match="optimizer state by step 8"):
