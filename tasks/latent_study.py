@@ -40,8 +40,11 @@ class Config(autoencoder.Options):
         return self.latent_sizes or DEFAULT_SIZES[self.dataset]
 
 
-def pca_reference(data: autoencoder.Data, k: int, cfg: Config) -> dict[str, float]:
-    mean, basis, _ = pca_basis(data.x_train)
+def pca_reference(
+    data: autoencoder.Data, k: int, cfg: Config, mean: np.ndarray, basis: np.ndarray
+) -> dict[str, float]:
+    """PCA with k components (of the training set's `pca_basis`): its reconstruction
+    error and the probe on its projections."""
     k = min(k, basis.shape[0])
     probe = autoencoder.probe_features(
         cfg,
@@ -60,6 +63,7 @@ def run(cfg: Config, run: Run) -> dict:
     print(f"data: {data.source}; latent sizes {', '.join(map(str, cfg.sizes()))}")
     options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(autoencoder.Options)}
     rows = {}
+    mean, basis, _ = pca_basis(data.x_train)  # one SVD for every size
     for k in cfg.sizes():
         ae_cfg = autoencoder.Config(**options, latent_dim=k)
         problem = autoencoder.make_problem(ae_cfg, data)
@@ -70,7 +74,7 @@ def run(cfg: Config, run: Run) -> dict:
         rows[k] = {
             "trained": {key: float(np.mean(v)) for key, v in trained.items()},
             "untrained": autoencoder.probe_model(ae_cfg, initial, data),
-            "pca": pca_reference(data, k, cfg),
+            "pca": pca_reference(data, k, cfg, mean, basis),
         }
         print(
             f"latent {k:4d}: probe {rows[k]['trained']['probe_accuracy']:.4f} "
