@@ -239,12 +239,12 @@ def test_non_finite_replicas_names_the_replicas_with_a_non_finite_value():
     opt_state = {"nu": jnp.ones((3, 2, 2)).at[2, 1, 0].set(jnp.inf), "count": jnp.zeros(3, int)}
     state = TrainState(jnp.zeros(3, int), params, opt_state, jnp.zeros((3, 2), jnp.uint32),
                        jnp.full(3, -1))  # fmt: skip
-    assert non_finite_replicas(state, 3) == [2]
+    assert non_finite_replicas(state) == [2]
     state = state._replace(params={**params, "b": params["b"].at[0, 1].set(jnp.nan)})
-    assert non_finite_replicas(state, 3) == [0, 2]
+    assert non_finite_replicas(state) == [0, 2]
     one = jax.tree.map(lambda a: a[1], state)
-    assert non_finite_replicas(one, 0) == []
-    assert non_finite_replicas(jax.tree.map(lambda a: a[2], state), 0) == [0]
+    assert non_finite_replicas(one) == []
+    assert non_finite_replicas(jax.tree.map(lambda a: a[2], state)) == [0]
 
 
 def test_an_optimizer_state_that_overflows_is_never_written(train_cli, tmp_path):

@@ -325,17 +325,18 @@ def make_train_step(
     return train_step
 
 
-def non_finite_replicas(state: TrainState, replicas: int) -> list[int]:
-    """The replicas (all of them when `replicas` is 0: no replica axis) whose parameters
-    or optimizer state hold a non-finite value, checked on a host copy: the copy a
-    checkpoint makes anyway, and no program to compile. Every checkpoint is checked so
+def non_finite_replicas(state: TrainState) -> list[int]:
+    """The replicas (0 alone for a state without a replica axis) whose parameters or
+    optimizer state hold a non-finite value. Checked on a host copy, as a checkpoint
+    copies the state anyway: no program to compile. Every checkpoint is checked so
     (the train step's guard reads only the loss, gradient and update)."""
+    replicas = int(np.prod(np.shape(state.step)))  # a scalar step: one, no replica axis
     bad: set[int] = set()
     for leaf in jax.tree.leaves(jax.device_get((state.params, state.opt_state))):
         values = np.asarray(leaf)
         if not np.issubdtype(values.dtype, np.inexact):
             continue
-        finite = np.isfinite(values.reshape(max(replicas, 1), -1)).all(axis=1)
+        finite = np.isfinite(values.reshape(replicas, -1)).all(axis=1)
         bad.update(np.flatnonzero(~finite).tolist())
     return sorted(bad)
 
@@ -677,7 +678,7 @@ def fit(
         nonlocal last_saved, totals
         if last_saved == at_step:
             return
-        bad = non_finite_replicas(state, cfg.num_seeds if replicated else 0)
+        bad = non_finite_replicas(state)
         if bad:
             raise diverged(f"non-finite parameters or optimizer state by step {at_step}", bad[0])
         totals = segment.totals(history, compilations)

@@ -315,7 +315,7 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc, trained) -> No
         not finite (what the step's guard does not read: see make_train_step)."""
         m = members[i]
         mine = _member_slice(host, i, seeds_per)
-        if non_finite_replicas(mine, seeds_per if seeds_per > 1 else 0):
+        if non_finite_replicas(mine):
             m.diverged_at = at_step
             print(f"note: {m.run.workdir.name}'s parameters or optimizer state are non-finite "
                   f"by step {at_step}; stopped it (last checkpoint: step {last_saved[i]}); "
