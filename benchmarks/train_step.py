@@ -12,7 +12,8 @@ machine's drift hits them alike; every round's values are printed.
 
 Models: mlp_wide, the synthetic autoencoder with two 1024-wide hidden layers and
 latent 32; ae, the synthetic autoencoder's defaults; lstm and rnn, the
-running-average task's defaults.
+running-average task's defaults; surnames, the surname classifier's defaults (the
+names from ../shared/data/names).
 """
 
 from __future__ import annotations
@@ -28,12 +29,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_CALL = 16
+NAMES_DIR = REPO.parent / "shared" / "data" / "names"
 
 
 def problem_of(model: str):
     """(problem, training config) of a model, built by the imported tree's tasks."""
-    from tasks import autoencoder, running_average
+    from tasks import autoencoder, running_average, surnames
 
+    if model == "surnames":
+        cfg = surnames.Config(data_dir=str(NAMES_DIR))
+        return surnames.make_problem(cfg, surnames.prepare(cfg)), cfg
     if model in ("mlp_wide", "ae"):
         hidden = (1024, 1024) if model == "mlp_wide" else (256,)
         cfg = autoencoder.Config(latent_dim=32, epochs=1, hidden_sizes=hidden)

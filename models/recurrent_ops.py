@@ -102,6 +102,24 @@ def _hold(mask_B, new, old):
     return new if mask_B is None else jnp.where(mask_B[:, None], new, old)
 
 
+def _unless_all_padding(mask_B, advance, held):
+    """advance(), or held() at a step where every row is padding.
+
+    Padded steps sit at the end of shorter sequences, so the steps past a batch's
+    longest sequence hold every state: `held` returns what `advance` would (the
+    states unchanged, zeros for the per-step values the mask discards) without its
+    matrix products. Under vmap (packed replicas) the predicate is batched and
+    lax.cond becomes a select: both run, the result is the same."""
+    if mask_B is None:
+        return advance()
+    return lax.cond(jnp.any(mask_B), advance, held)
+
+
+def _zeros_like_output(fn, index):
+    """Zeros shaped like output `index` of fn() (traced for its shapes only)."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn)[index])
+
+
 def _at(seq_TxBx_, t):
     """seq[t] for a traced index t."""
     return lax.dynamic_index_in_dim(seq_TxBx_, t, keepdims=False)
@@ -160,8 +178,12 @@ def _rnn_forward(
 
     def step(h, per_step):
         inp, m, p = per_step
-        update = act(_pre_activation(inp, h, w_x, w_h, b, hoist))
-        h_new = _hold(m, update + h if residual else update, h)
+
+        def advance():
+            update = act(_pre_activation(inp, h, w_x, w_h, b, hoist))
+            return _hold(m, update + h if residual else update, h), update
+
+        h_new, update = _unless_all_padding(m, advance, lambda: (h, _zeros_like_output(advance, 1)))
         if p is not None:
             h_new = h_new + p
         return h_new, (h_new, update) if keep_updates else h_new
@@ -232,6 +254,17 @@ def _rnn_fused_bwd(options: RNNOptions, saved: RNNResiduals, g_hs):
         dh_next, grads = carry
         # dL/dh_t = the loss's own gradient at step t + what flows back from step t+1
         dh = _plus(_cotangent(g_hs, t), dh_next)
+
+        def advance():
+            return _rnn_step_back(dh, grads, t)
+
+        def held():  # every row padding: all of dL/dh_t passes to h_{t-1}, dx_t = 0
+            return (dh, grads), _zeros_like_output(advance, 1)
+
+        mask_t = None if saved.mask is None else _at(saved.mask, t)
+        return _unless_all_padding(mask_t, advance, held)
+
+    def _rnn_step_back(dh, grads, t):
         h_t, h_prev = _at(saved.hs, t), _before(saved.hs, saved.h0, t)
         update = _at(saved.updates, t) if options.residual else h_t  # act(z_t), (B, H)
         dz = dh * act_grad(update)  # dL/dz_t = dL/dh_t * act'(z_t), (B, H)
@@ -331,8 +364,14 @@ def _lstm_forward(
     def step(carry, per_step):
         h, c = carry
         inp, m, p_h, p_c = per_step
-        h_new, c_new, gates = _lstm_cell(_pre_activation(inp, h, w_x, w_h, b, hoist), c, p_c)
-        h_new, c_new = _hold(m, h_new, h), _hold(m, c_new, c)
+
+        def advance():
+            h_new, c_new, gates = _lstm_cell(_pre_activation(inp, h, w_x, w_h, b, hoist), c, p_c)
+            return _hold(m, h_new, h), _hold(m, c_new, c), gates
+
+        h_new, c_new, gates = _unless_all_padding(
+            m, advance, lambda: (h, c, _zeros_like_output(advance, 2))
+        )
         if p_h is not None:
             h_new = h_new + p_h
         out = (h_new, c_new, gates) if keep_gates else (h_new, c_new)
@@ -384,9 +423,20 @@ def _lstm_fused_bwd(options: LSTMOptions, saved: LSTMResiduals, cotangents):
 
     def step(carry, t):
         dh_next, dc_next, grads = carry
-        f, i, o, g = (_at(gate, t) for gate in saved.gates)
         dh = _plus(_cotangent(g_hs, t), dh_next)  # dL/dh_t
         dc_in = _plus(_cotangent(g_cs, t), dc_next)  # dL/dC_t from the loss and step t+1
+
+        def advance():
+            return _lstm_step_back(dh, dc_in, grads, t)
+
+        def held():  # every row padding: dL/dh_t and dL/dC_t pass to step t-1, dx_t = 0
+            return (dh, dc_in, grads), _zeros_like_output(advance, 1)
+
+        mask_t = None if saved.mask is None else _at(saved.mask, t)
+        return _unless_all_padding(mask_t, advance, held)
+
+    def _lstm_step_back(dh, dc_in, grads, t):
+        f, i, o, g = (_at(gate, t) for gate in saved.gates)
         tanh_c = jnp.tanh(_at(saved.cs, t))
         # h_t = tanh(C_t) o  =>  dL/dC_t += dL/dh_t * o * (1 - tanh^2 C_t)
         dc = dc_in + dh * o * (1.0 - tanh_c * tanh_c)
@@ -493,12 +543,16 @@ def gru_scan(
 
     def step(h, per_step):
         inp, m, p = per_step
-        x_part = inp if hoist else inp @ w_x_Dx3H + b_3H
-        h_part = h @ w_h_Hx3H
-        rz = jax.nn.sigmoid(x_part[:, : 2 * hidden] + h_part[:, : 2 * hidden])
-        r, z = rz[:, :hidden], rz[:, hidden:]
-        n = jnp.tanh(x_part[:, 2 * hidden :] + r * (h_part[:, 2 * hidden :] + b_hn_H))
-        h_new = _hold(m, (1.0 - z) * n + z * h, h)
+
+        def advance():
+            x_part = inp if hoist else inp @ w_x_Dx3H + b_3H
+            h_part = h @ w_h_Hx3H
+            rz = jax.nn.sigmoid(x_part[:, : 2 * hidden] + h_part[:, : 2 * hidden])
+            r, z = rz[:, :hidden], rz[:, hidden:]
+            n = jnp.tanh(x_part[:, 2 * hidden :] + r * (h_part[:, 2 * hidden :] + b_hn_H))
+            return _hold(m, (1.0 - z) * n + z * h, h)
+
+        h_new = _unless_all_padding(m, advance, lambda: h)
         if p is not None:
             h_new = h_new + p
         return h_new, h_new

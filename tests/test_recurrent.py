@@ -12,6 +12,10 @@ from tests import numpy_reference as ref
 
 B, T, D, H = 3, 7, 2, 4
 LENGTHS = np.array([7, 3, 5])
+# every row shorter than T: the last steps are padding in all rows, which the
+# recurrences skip (models.recurrent_ops._unless_all_padding)
+SHORT_LENGTHS = np.array([4, 2, 3])
+MASKS = [False, True, "short"]  # none, LENGTHS, SHORT_LENGTHS
 IMPLS = [("fused", False), ("fused", True), ("scan", False), ("scan", True)]
 
 
@@ -29,7 +33,8 @@ def random_case(gates: int, seed: int = 0, masked: bool = True):
     x = rng.normal(size=(B, T, D))
     h0 = rng.normal(0, 0.5, (B, H))
     c0 = rng.normal(0, 0.5, (B, H))
-    mask = np.arange(T)[None] < (LENGTHS if masked else np.full(B, T))[:, None]
+    lengths = {False: np.full(B, T), True: LENGTHS, "short": SHORT_LENGTHS}[masked]
+    mask = np.arange(T)[None] < lengths[:, None]
     return w_x, w_h, b, x, h0, c0, mask
 
 
@@ -39,14 +44,14 @@ def time_major(a):
 
 @pytest.mark.parametrize("activation", ["tanh", "relu", "identity"])
 @pytest.mark.parametrize("impl,hoist", IMPLS)
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("masked", MASKS)
 def test_rnn_outputs_and_gradients_match_numpy_bptt(activation, impl, hoist, masked):
     check_rnn_against_numpy(activation, impl, hoist, masked, residual=False)
 
 
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
 @pytest.mark.parametrize("impl", ["fused", "scan"])
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("masked", MASKS)
 def test_residual_rnn_outputs_and_gradients_match_numpy_bptt(activation, impl, masked):
     check_rnn_against_numpy(activation, impl, False, masked, residual=True)
 
@@ -110,7 +115,7 @@ def check_rnn_against_numpy(activation, impl, hoist, masked, residual, as_index=
 
 
 @pytest.mark.parametrize("impl,hoist", IMPLS)
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("masked", MASKS)
 def test_lstm_outputs_and_gradients_match_numpy_bptt(impl, hoist, masked):
     w_x, w_h, b, x, h0, c0, mask = random_case(4, masked=masked)
     rng = np.random.default_rng(2)
@@ -141,8 +146,9 @@ def test_lstm_outputs_and_gradients_match_numpy_bptt(impl, hoist, masked):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11, err_msg=name)
 
 
-def test_gru_matches_numpy_forward_and_finite_differences():
-    w_x, w_h, b, x, h0, _, mask = random_case(3)
+@pytest.mark.parametrize("masked", [True, "short"])
+def test_gru_matches_numpy_forward_and_finite_differences(masked):
+    w_x, w_h, b, x, h0, _, mask = random_case(3, masked=masked)
     b_hn = np.random.default_rng(3).normal(0, 0.3, H)
     g_hs = np.random.default_rng(4).normal(size=(B, T, H))
 
@@ -158,6 +164,33 @@ def test_gru_matches_numpy_forward_and_finite_differences():
         lambda w: float(np.sum(ref.gru_forward(w_x, w, b, b_hn, x, h0, mask) * g_hs)), w_h.copy()
     )
     np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("impl", ["fused", "scan"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_replicas_whose_last_steps_are_padding_in_only_some_batches(cell, impl):
+    """Under vmap the skip of all-padding steps is a select (its predicate differs per
+    replica): values and gradients equal each replica's batch run alone."""
+    w_x, w_h, b, x, h0, c0, _ = random_case(4 if cell == "lstm" else 1)
+    masks = jnp.stack([np.arange(T)[None] < lengths[:, None]
+                       for lengths in (LENGTHS, SHORT_LENGTHS)])  # fmt: skip
+    g_hs = jnp.asarray(np.random.default_rng(1).normal(size=(T, B, H)))
+
+    def loss(mask, w_x, w_h):
+        args = (w_x, w_h, b, time_major(x), h0)
+        if cell == "lstm":
+            hs, _ = ops.lstm_scan(*args, c0, time_major(mask), impl=impl)
+        else:
+            hs = ops.rnn_scan(*args, time_major(mask), impl=impl)
+        return jnp.sum(hs * g_hs)
+
+    packed = jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=(1, 2)), in_axes=(0, None, None)))
+    values, grads = packed(masks, w_x, w_h)
+    for i, mask in enumerate(masks):
+        value, (g_x, g_h) = jax.value_and_grad(loss, argnums=(1, 2))(mask, w_x, w_h)
+        np.testing.assert_allclose(values[i], value, rtol=1e-12)
+        np.testing.assert_allclose(grads[0][i], g_x, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(grads[1][i], g_h, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
