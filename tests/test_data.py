@@ -47,6 +47,23 @@ def test_synthetic_covariance_spectrum(synthetic_data):
     assert np.all((eigenvalues[20:] > 0.007) & (eigenvalues[20:] < 0.013))
 
 
+def test_pca_basis_equals_the_svd_of_the_centred_data():
+    """Against an independent reference: the SVD, on data with a constant feature (a
+    zero eigenvalue, as MNIST's border pixels give) and a dominant direction."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 12)) * np.geomspace(10, 0.01, 12)
+    x[:, 3] = 0.5  # constant
+    x = x.astype(np.float32)
+    mean, basis, eigenvalues = pca_basis(x)
+    _, s, vt = np.linalg.svd(np.asarray(x - mean, np.float64), full_matrices=False)
+    reference = s**2 / len(x)
+    np.testing.assert_allclose(eigenvalues, reference, rtol=0, atol=1e-13 * reference[0])
+    assert np.all(eigenvalues >= 0) and np.all(np.diff(eigenvalues) <= 0)
+    np.testing.assert_allclose(basis @ basis.T, np.eye(12), atol=1e-12)
+    for k in (1, 5, 11):  # the same top-k subspaces (directions up to sign)
+        np.testing.assert_allclose(basis[:k].T @ basis[:k], vt[:k].T @ vt[:k], atol=1e-9)
+
+
 def test_synthetic_linear_probe_properties(synthetic_data):
     d = synthetic_data
     assert probe(d, d["x_train"], d["x_test"]) >= 0.99
