@@ -77,9 +77,14 @@ class SequenceClassifier(nnx.Module):
         self.head = uniform_linear(head_in, num_classes, rngs)
 
     def inputs(self, tokens_LxB: jax.Array) -> jax.Array:
+        """The recurrent layers' inputs, in their weights' dtype: bfloat16 when training
+        casts the parameters for mixed precision (`--dtype=bfloat16`), where one_hot
+        and nnx.Embed would give float32 and the fused backward's gradient sums
+        would no longer match the weights' dtype."""
+        dtype = self.rnn.layers[0].w_x[...].dtype
         if self.embed is None:
-            return jax.nn.one_hot(tokens_LxB, self.vocab_size)
-        return self.embed(tokens_LxB)
+            return jax.nn.one_hot(tokens_LxB, self.vocab_size, dtype=dtype)
+        return self.embed(tokens_LxB).astype(dtype)
 
     def _final_state(self, rnn, tokens_BxL, lengths_B, key):
         mask_LxB = jnp.arange(tokens_BxL.shape[1])[:, None] < lengths_B[None, :]
