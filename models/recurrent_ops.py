@@ -17,7 +17,9 @@ Two implementations of each recurrence:
 
 Shapes: T time, B batch, D input features, H hidden units, G = H (RNN) or 4H
 (LSTM) gate pre-activations. Masks are booleans (T, B): at a padded step the
-state is held (h_t = h_{t-1}, c_t = c_{t-1}).
+state is held (h_t = h_{t-1}, c_t = c_{t-1}). A step that is padding in every
+row is skipped, forward and backward (`_unless_all_padding`), so a batch of
+short sequences padded to a long T costs its own longest sequence.
 
 LSTM gate order in the fused weight matrices is [f, i, o, g]:
 f, i, o = sigmoid(x U + h W + b), g = tanh(...), C_t = f*C_{t-1} + i*g,
