@@ -63,7 +63,7 @@ def run(cfg: Config, run: Run) -> dict:
     print(f"data: {data.source}; latent sizes {', '.join(map(str, cfg.sizes()))}")
     options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(autoencoder.Options)}
     rows = {}
-    mean, basis, _ = pca_basis(data.x_train)  # one SVD for every size
+    mean, basis, _ = pca_basis(data.x_train)  # one basis for every size
     for k in cfg.sizes():
         ae_cfg = autoencoder.Config(**options, latent_dim=k)
         problem = autoencoder.make_problem(ae_cfg, data)

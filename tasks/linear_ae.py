@@ -41,7 +41,7 @@ from experiment.run import Run
 from models.autoencoders import LinearAutoencoder
 from training.config import TrainConfig
 from training.loop import Problem, fit
-from training.probe import pca_basis
+from training.probe import covariance, principal_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +85,8 @@ class Spectrum:
 
 
 def spectrum(x_train: np.ndarray) -> Spectrum:
-    mean, basis, eigenvalues = pca_basis(x_train)
-    centred = np.asarray(x_train - mean, np.float64)
-    return Spectrum(mean, basis, eigenvalues, centred.T @ centred / len(centred))
+    mean, cov = covariance(x_train)
+    return Spectrum(mean, *principal_axes(cov), cov)
 
 
 def closed_form_gradients(w1, w2, c):
