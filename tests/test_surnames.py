@@ -275,3 +275,23 @@ def test_label_smoothing_defaults_to_0_1_and_to_0_when_class_balanced():
     assert (
         surnames.label_smoothing(surnames.Config(class_balanced=True, label_smoothing=0.2)) == 0.2
     )
+
+
+def test_a_rerun_of_an_early_stopped_run_trains_nothing(train_cli, names_dir, tmp_path):
+    """Resuming a run that stopped early keeps it stopped: the rerun used to train on
+    until the next evaluation without improvement, rewriting checkpoints and summary."""
+    changed = {"--steps": 2000, "--eval_every": 20, "--log_every": 20, "--patience": 1}
+    kept = [a for a in TINY if a.split("=")[0] not in changed]
+    args = [
+        "--task=surnames", f"--data_dir={names_dir}", *kept,
+        *(f"{k}={v}" for k, v in changed.items()), "--ngram_buckets=0",
+        f"--workdir={tmp_path}", "--wandb=disabled",
+    ]  # fmt: skip
+    assert train_cli(*args)[0] == 0
+    first = json.loads((tmp_path / "summary.json").read_text())
+    assert first["stopped_early"] is True and first["steps"] < 2000  # the premise
+    steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    code, out, _ = train_cli(*args)
+    assert code == 0 and f"resuming from checkpoint step {first['steps']}" in out
+    assert json.loads((tmp_path / "summary.json").read_text()) == first
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == steps

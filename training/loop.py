@@ -638,7 +638,9 @@ def fit(
     # What the newest checkpoint records; the summary reports the same numbers, so a
     # rerun of a finished command (which trains nothing) reproduces them exactly.
     totals = dataclasses.asdict(spent)
-    stopped_early = False
+    # A run resumed after it stopped early stays stopped: a rerun of the finished
+    # command trains nothing (training on would rewrite its checkpoints and summary).
+    stopped_early = selector is not None and selector.should_stop()
 
     def diverged(what: str, replica: int) -> RunFailed:
         where = f" (replica {replica}, seed {cfg.seed + replica})" if replicated else ""
