@@ -12,6 +12,8 @@ machine, each with a cold JAX compilation cache of its own:
              packing off)
   packed     the same worker, compatible trials packed into one program
   packed-2w  packed, with two workers (the 2-core machine's other core)
+  in-process-2w  packing off, two workers (what packed-2w is compared with when a
+             grid is one packed group: surnames_regularisation)
   torch      (rnn_activation only, with --modes ...,torch) a plain PyTorch script per
              trial, benchmarks/torch_trial.py in the .bench-venv (`make bench-torch`)
 
@@ -70,6 +72,13 @@ GRIDS = {
         {"latent_dim": ["5", "20", "100", "200"], "activation": ["relu", "tanh", "identity"],
          "kind": ["vanilla", "denoising"]},
         "probe_accuracy",
+    ),
+    # the surname classifier's regularisation at 900 steps (4 epochs): one packed group
+    "surnames_regularisation": (
+        "surnames",
+        {"steps": "900", "data_dir": str(REPO.parent / "shared" / "data" / "names")},
+        {"dropout": ["0.0", "0.25", "0.5"], "label_smoothing": ["0.0", "0.1"]},
+        "val_accuracy",
     ),
 }  # fmt: skip
 
@@ -145,7 +154,7 @@ def measure(name: str, mode: str, scratch: Path) -> dict:
         jobs = run_torch(trials)
     else:
         jobs = run_executor(
-            trials, pack=mode.startswith("packed"), workers=2 if mode == "packed-2w" else 1
+            trials, pack=mode.startswith("packed"), workers=2 if mode.endswith("-2w") else 1
         )
     wall = time.perf_counter() - start
     # a packed group trains once for all its trials: count its time once (with two

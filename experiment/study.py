@@ -119,11 +119,17 @@ def take_job(
     pack: bool,
     trained: Collection[str] = (),
     key_of: Callable[[Trial], str | None] = group_key,
+    idle: int = 1,
 ) -> list[Trial]:
     """The next job: the first pending trial and, when packing, every pending trial of its
     group (up to training.packing.MAX_REPLICAS replicas). Trials in `trained` (their
     packed training is done) run alone: their run only finishes. `key_of`: group_key,
-    or a memo of it (a trial's key is asked for at every job while it waits)."""
+    or a memo of it (a trial's key is asked for at every job while it waits).
+
+    idle: the workers free now, this job's included. When the group is all that is
+    pending, it is shared out among them (e.g. a grid of one group on 2 workers: two
+    packed programs of half the trials each, side by side), instead of one worker
+    training it while the others wait for its trials' runs."""
     from training.packing import MAX_REPLICAS
 
     first = pending.pop(0)
@@ -131,13 +137,13 @@ def take_job(
     if key is None:
         return [first]
     seeds = int(first.options.get("num_seeds", 1))
-    job = [first]
-    for trial in list(pending):
-        if (len(job) + 1) * seeds > MAX_REPLICAS:
-            break
-        if trial.id not in trained and key_of(trial) == key:
-            job.append(trial)
-            pending.remove(trial)
+    group = [t for t in pending if t.id not in trained and key_of(t) == key]
+    limit = MAX_REPLICAS // seeds
+    if idle > 1 and len(group) == len(pending):  # nothing else for the other workers
+        limit = min(limit, -(-(len(group) + 1) // idle))  # ceil: parts differ by one at most
+    job = [first, *group[: max(limit, 1) - 1]]
+    for trial in job[1:]:
+        pending.remove(trial)
     return job
 
 
@@ -265,7 +271,7 @@ def run_trials(
                     start_new_slots(len(pending))
                 if not pending:
                     break
-                job = take_job(pending, pack, trained, key_of)
+                job = take_job(pending, pack, trained, key_of, idle=len(idle) - idle.index(i))
                 worker = pool[i]
                 if worker is None:
                     worker = pool[i] = Worker(i, events, cwd, worker_log)

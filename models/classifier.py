@@ -19,9 +19,10 @@ def reverse_within_length(tokens_BxL: jax.Array, lengths_B: jax.Array) -> jax.Ar
     return jnp.take_along_axis(tokens_BxL, source, axis=1)
 
 
-def dropout(key: jax.Array | None, x: jax.Array, rate: float) -> jax.Array:
-    """Inverted dropout (identity without a key or at rate 0)."""
-    if key is None or rate == 0.0:
+def dropout(key: jax.Array | None, x: jax.Array, rate: float | jax.Array) -> jax.Array:
+    """Inverted dropout (identity without a key or at a Python rate of 0). `rate` may be
+    an array (a packed trial's own value): at 0 every unit is kept, unscaled."""
+    if key is None or (isinstance(rate, int | float) and rate == 0.0):
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0.0)
@@ -86,9 +87,9 @@ class SequenceClassifier(nnx.Module):
             return jax.nn.one_hot(tokens_LxB, self.vocab_size, dtype=dtype)
         return self.embed(tokens_LxB).astype(dtype)
 
-    def _final_state(self, rnn, tokens_BxL, lengths_B, key):
+    def _final_state(self, rnn, tokens_BxL, lengths_B, key, rate):
         mask_LxB = jnp.arange(tokens_BxL.shape[1])[:, None] < lengths_B[None, :]
-        x = dropout(key, self.inputs(tokens_BxL.T), self.dropout_rate)
+        x = dropout(key, self.inputs(tokens_BxL.T), rate)
         return rnn(x, mask=mask_LxB, time_major=True)[-1].final[0]
 
     def ngram_features(self, ngrams_BxM: jax.Array) -> jax.Array:
@@ -100,16 +101,25 @@ class SequenceClassifier(nnx.Module):
         return total / jnp.maximum(jnp.sum(valid, axis=1), 1.0)
 
     def __call__(
-        self, tokens_BxL: jax.Array, lengths_B: jax.Array, ngrams_BxM=None, dropout_key=None
+        self,
+        tokens_BxL: jax.Array,
+        lengths_B: jax.Array,
+        ngrams_BxM=None,
+        dropout_key=None,
+        dropout_rate: float | jax.Array | None = None,
     ) -> jax.Array:
+        """dropout_rate: instead of the model's own (e.g. a packed trial's, an array)."""
         if (self.ngram_embed is None) != (ngrams_BxM is None):
             raise ValueError("pass n-gram ids exactly when the model has ngram_buckets > 0")
+        rate = self.dropout_rate if dropout_rate is None else dropout_rate
         keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
-        final = self._final_state(self.rnn, tokens_BxL, lengths_B, keys[0])
+        final = self._final_state(self.rnn, tokens_BxL, lengths_B, keys[0], rate)
         if self.backward_rnn is not None:
             reversed_tokens = reverse_within_length(tokens_BxL, lengths_B)
-            backward = self._final_state(self.backward_rnn, reversed_tokens, lengths_B, keys[1])
+            backward = self._final_state(
+                self.backward_rnn, reversed_tokens, lengths_B, keys[1], rate
+            )
             final = jnp.concatenate([final, backward], axis=-1)
         if self.ngram_embed is not None:
             final = jnp.concatenate([final, self.ngram_features(ngrams_BxM)], axis=-1)
-        return self.head(dropout(keys[2], final, self.dropout_rate))
+        return self.head(dropout(keys[2], final, rate))

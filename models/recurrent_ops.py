@@ -37,6 +37,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from models.replicas import any_replica
+
 
 class Activation(NamedTuple):
     """An activation and its derivative written in terms of its output y = act(z) (what
@@ -110,11 +112,13 @@ def _unless_all_padding(mask_B, advance, held):
     Padded steps sit at the end of shorter sequences, so the steps past a batch's
     longest sequence hold every state: `held` returns what `advance` would (the
     states unchanged, zeros for the per-step values the mask discards) without its
-    matrix products. Under vmap (packed replicas) the predicate is batched and
-    lax.cond becomes a select: both run, the result is the same."""
+    matrix products. Under the trainer's vmap over replicas the step is skipped
+    when it is padding in every replica (models.replicas); under any other vmap
+    with a batched mask lax.cond becomes a select: both run, the result is the
+    same."""
     if mask_B is None:
         return advance()
-    return lax.cond(jnp.any(mask_B), advance, held)
+    return lax.cond(any_replica(jnp.any(mask_B)), advance, held)
 
 
 def _zeros_like_output(fn, index):

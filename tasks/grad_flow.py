@@ -30,7 +30,7 @@ from models.recurrent import Activation, Cell, Init, SequenceRegressor
 from tasks import running_average
 from training import memory
 from training.config import TrainConfig
-from training.loop import fit
+from training.loop import Problem, fit
 from training.summary import without_undefined
 
 # |log-gradient change| over the sequence that counts as vanishing / exploding (10^3 = e^6.9)
@@ -80,8 +80,9 @@ def spectral_radius(w_HxH: np.ndarray) -> np.ndarray:
     return np.max(np.abs(np.linalg.eigvals(np.asarray(w_HxH, np.float64)))).astype(w_HxH.dtype)
 
 
-def rescale_spectral_radius(w_h: jax.Array, radius: float) -> jax.Array:
-    """Scale each (H, H) gate block of w_h (H, G*H) to the given spectral radius."""
+def rescale_spectral_radius(w_h: jax.Array, radius: float | jax.Array) -> jax.Array:
+    """Scale each (H, H) gate block of w_h (H, G*H) to the given spectral radius (an
+    array for packed trials, where 0 means none: the block is kept as it is)."""
     hidden = w_h.shape[0]
     blocks = jnp.split(w_h, w_h.shape[1] // hidden, axis=1)
     scaled = []
@@ -92,12 +93,29 @@ def rescale_spectral_radius(w_h: jax.Array, radius: float) -> jax.Array:
             block,
             vmap_method="sequential",
         )
-        scaled.append(block * (radius / rho))
+        scaled.append(block * jnp.where(radius > 0, radius / rho, 1.0))
     return jnp.concatenate(scaled, axis=1)
 
 
+def apply_spectral_radius(model: SequenceRegressor, radius: float | jax.Array) -> None:
+    """Rescale every layer's recurrent weight blocks to `radius`, in place; a Python 0
+    leaves them as initialised (an array of 0: a packed trial without a radius)."""
+    if isinstance(radius, int | float) and radius == 0:
+        return
+    for layer in model.rnn.layers:
+        layer.w_h[...] = rescale_spectral_radius(layer.w_h[...], radius)
+
+
 def make_model(cfg: Config, rngs: nnx.Rngs) -> SequenceRegressor:
-    model = SequenceRegressor(
+    """The network, its recurrent weights at cfg's spectral radius (when set)."""
+    model = initial_network(cfg, rngs)
+    apply_spectral_radius(model, cfg.spectral_radius or 0.0)
+    return model
+
+
+def initial_network(cfg: Config, rngs: nnx.Rngs) -> SequenceRegressor:
+    """The network as the initialisation draws it, before any spectral radius."""
+    return SequenceRegressor(
         1,
         cfg.hidden_size,
         1,
@@ -109,10 +127,6 @@ def make_model(cfg: Config, rngs: nnx.Rngs) -> SequenceRegressor:
         forget_bias=cfg.forget_bias if cfg.cell == "lstm" else 0.0,
         rngs=rngs,
     )
-    if cfg.spectral_radius is not None:
-        for layer in model.rnn.layers:
-            layer.w_h[...] = rescale_spectral_radius(layer.w_h[...], cfg.spectral_radius)
-    return model
 
 
 @dataclasses.dataclass
@@ -227,12 +241,45 @@ def trained_or_initial_model(
     if cfg.steps == 0:
         memory.require_model(lambda: make_model(cfg, nnx.Rngs(cfg.seed)))
         return make_model(cfg, nnx.Rngs(cfg.seed)), {}
-    train_cfg = running_average_config(cfg)
-    problem = dataclasses.replace(
-        running_average.make_problem(train_cfg), make_model=lambda rngs: make_model(cfg, rngs)
-    )
+    train_cfg, problem = training_problem(cfg)
     result = fit(train_cfg, problem, run, model=model)
     return result.model(), {"eval_loss": float(result.evaluate(problem.eval_data)["loss"])}
+
+
+# Options that enter the training as values (Problem.hparams): those of
+# running_average's loss, and the spectral radius of the initialisation. Trials that
+# differ only in them (and in seed, learning rate, weight decay) train packed.
+PACKABLE = (*running_average.PACKABLE, "spectral_radius")
+
+
+def trains(cfg: Config) -> bool:
+    """Whether the run trains (steps > 0): only then is there a training to pack."""
+    return cfg.steps > 0
+
+
+def hparams(cfg: Config) -> dict[str, float]:
+    """Problem.hparams: running_average's, and the spectral radius (0: none)."""
+    own = running_average.hparams(running_average_config(cfg))
+    return {**own, "spectral_radius": cfg.spectral_radius or 0.0}
+
+
+def ignored_options(cfg: Config) -> set[str]:
+    """Options the training does not use: running_average's (an LSTM's activation),
+    and the probe's batch (it is measured after training)."""
+    return running_average.ignored_options(running_average_config(cfg)) | {"probe_batch"}
+
+
+def training_problem(cfg: Config) -> tuple[running_average.Config, Problem]:
+    """The running-average training (steps > 0) of this network (for training.packing):
+    its initialisation applies the spectral radius from the problem's hparams."""
+    train_cfg = running_average_config(cfg)
+    problem = dataclasses.replace(
+        running_average.make_problem(train_cfg),
+        make_model=lambda rngs: initial_network(cfg, rngs),
+        init_fn=lambda model, hp: apply_spectral_radius(model, hp["spectral_radius"]),
+        hparams=hparams(cfg),
+    )
+    return train_cfg, problem
 
 
 def probe_batch(cfg: Config) -> tuple[jax.Array, jax.Array]:

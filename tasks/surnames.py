@@ -208,6 +208,42 @@ def classification_metrics(logits, labels, num_classes: int) -> dict[str, jax.Ar
     }
 
 
+# Options that enter the loss as values (Problem.hparams): trials differing only in
+# them (and in seed, learning rate, weight decay) train packed in one program.
+PACKABLE = ("dropout", "label_smoothing")
+
+
+def hparams(cfg: Config) -> dict[str, float]:
+    """Problem.hparams: the dropout rate and the label smoothing in effect."""
+    return {"dropout": cfg.dropout, "label_smoothing": label_smoothing(cfg)}
+
+
+def ignored_options(cfg: Config) -> set[str]:
+    """Options this configuration does not use: trials differing only in them run the
+    same program."""
+    unused = set()
+    if not cfg.class_balanced:
+        unused |= {"balance_method", "balance_power"}
+    if cfg.ngram_buckets == 0:
+        unused |= {"ngram_max", "ngram_dim"}
+    if cfg.input == "onehot":
+        unused.add("embedding_dim")
+    return unused
+
+
+def training_problem(cfg: Config) -> tuple[Config, Problem]:
+    """The training config and problem of the run's one `fit` (for training.packing)."""
+    return cfg, make_problem(cfg, prepare(cfg))
+
+
+def eval_fn(model, data, hp):
+    """Validation metrics (no dropout, no smoothing). Module-level, so runs of one model
+    structure in one process share its compiled program."""
+    del hp
+    logits = model(data["tokens"], data["lengths"], data.get("ngrams"))
+    return classification_metrics(logits, data["labels"], logits.shape[-1])
+
+
 def make_problem(cfg: Config, prepared: Prepared) -> Problem:
     num_classes = len(prepared.languages)
     train_labels = prepared.splits["train"]["labels"]
@@ -224,22 +260,29 @@ def make_problem(cfg: Config, prepared: Prepared) -> Problem:
         else np.zeros(num_classes, np.float32)
     )
 
-    def loss_fn(model, batch, key):
-        logits = model(batch["tokens"], batch["lengths"], batch.get("ngrams"), dropout_key=key)
+    def loss_fn(model, batch, key, hp):
+        logits = model(
+            batch["tokens"],
+            batch["lengths"],
+            batch.get("ngrams"),
+            dropout_key=key,
+            dropout_rate=hp["dropout"],
+        )
         targets = optax.smooth_labels(
-            jax.nn.one_hot(batch["labels"], num_classes), label_smoothing(cfg)
+            jax.nn.one_hot(batch["labels"], num_classes), hp["label_smoothing"]
         )
         ce = optax.softmax_cross_entropy(logits + offsets, targets)
         w = weights[batch["labels"]]
         return jnp.sum(ce * w) / jnp.sum(w), {}
 
-    def eval_fn(model, data):
-        return classification_metrics(
-            model(data["tokens"], data["lengths"], data.get("ngrams")), data["labels"], num_classes
-        )
-
     return Problem(
         make_model=lambda rngs: make_model(cfg, num_classes, rngs),
+        # the model without its dropout rate (evaluation does not use it): trials that
+        # differ in it share one compiled evaluation
+        shared_model=lambda rngs: make_model(
+            dataclasses.replace(cfg, dropout=0.0), num_classes, rngs
+        ),
+        hparams=hparams(cfg),
         loss_fn=loss_fn,
         train_data=prepared.splits["train"],
         eval_data=prepared.splits["val"],

@@ -166,11 +166,16 @@ def test_gru_matches_numpy_forward_and_finite_differences(masked):
     np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("shared_skip", [False, True], ids=["vmap", "vmap_replicas"])
 @pytest.mark.parametrize("impl", ["fused", "scan"])
 @pytest.mark.parametrize("cell", ["rnn", "lstm"])
-def test_replicas_whose_last_steps_are_padding_in_only_some_batches(cell, impl):
-    """Under vmap the skip of all-padding steps is a select (its predicate differs per
-    replica): values and gradients equal each replica's batch run alone."""
+def test_replicas_whose_last_steps_are_padding_in_only_some_batches(cell, impl, shared_skip):
+    """Under a plain vmap the skip of all-padding steps is a select (its predicate differs
+    per replica); under the trainer's vmap over replicas (training.loop.vmap_replicas)
+    it stays a cond, taken where every replica's batch is padding. Either way values
+    and gradients equal each replica's batch run alone."""
+    from training.loop import vmap_replicas
+
     w_x, w_h, b, x, h0, c0, _ = random_case(4 if cell == "lstm" else 1)
     masks = jnp.stack([np.arange(T)[None] < lengths[:, None]
                        for lengths in (LENGTHS, SHORT_LENGTHS)])  # fmt: skip
@@ -184,8 +189,11 @@ def test_replicas_whose_last_steps_are_padding_in_only_some_batches(cell, impl):
             hs = ops.rnn_scan(*args, time_major(mask), impl=impl)
         return jnp.sum(hs * g_hs)
 
-    packed = jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=(1, 2)), in_axes=(0, None, None)))
-    values, grads = packed(masks, w_x, w_h)
+    vmap = vmap_replicas if shared_skip else jax.vmap
+    vmapped = vmap(jax.value_and_grad(loss, argnums=(1, 2)), in_axes=(0, None, None))
+    program = str(jax.make_jaxpr(vmapped)(masks, w_x, w_h))
+    assert ("cond[" in program) == shared_skip
+    values, grads = jax.jit(vmapped)(masks, w_x, w_h)
     for i, mask in enumerate(masks):
         value, (g_x, g_h) = jax.value_and_grad(loss, argnums=(1, 2))(mask, w_x, w_h)
         np.testing.assert_allclose(values[i], value, rtol=1e-12)

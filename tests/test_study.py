@@ -17,13 +17,15 @@ import yaml
 
 from experiment.config import build_config
 from experiment.run import Run
-from tasks import autoencoder, linear_ae, running_average
-from tests.conftest import REPO, TINY_ARGS
+from tasks import autoencoder, grad_flow, linear_ae, running_average, surnames
+from tests.conftest import REPO, TINY_ARGS, shared_data
 from training.loop import fit
 from training.packing import Member, fit_packed, group_key
 
 RA = [*TINY_ARGS["running_average"], "--steps=40", "--log_every=8", "--eval_every=16"]
 AE = [*TINY_ARGS["autoencoder"], "--steps=40", "--log_every=8", "--eval_every=16"]
+GF = ["--steps=40", "--log_every=8", "--eval_every=16", "--hidden_size=8", "--seq_len=8",
+      "--num_train=256", "--probe_batch=8"]  # fmt: skip
 
 
 def tokens(args):
@@ -71,6 +73,8 @@ CASES = [
                  marks=pytest.mark.slow),
     (linear_ae, "linear_ae", ["--steps=40", "--eval_every=16", "--num_train=500"], "weight_decay",
      (1e-3, 1e-1)),
+    # none (the initialisation's own) packs with radii: a 0 in the replica's values
+    (grad_flow, "grad_flow", GF, "spectral_radius", ("none", 0.9, 1.2)),
 ]  # fmt: skip
 
 
@@ -86,6 +90,7 @@ CASES = [
         "noise_std",
         "mask_ratio",
         "linear_ae_lambda",
+        "spectral_radius",
     ],
 )
 def test_packed_trials_equal_the_same_trials_run_alone(
@@ -123,8 +128,73 @@ def test_group_keys_split_what_changes_the_program_and_join_what_does_not():
     assert key(steps=40) != key(steps=41)
     assert key(weight_decay=0) != key(weight_decay=1e-3)  # the optimizer chain differs
     assert key(weight_decay=1e-3) == key(weight_decay=1e-2)
-    surnames_module = pytest.importorskip("tasks.surnames")
-    assert group_key("surnames", surnames_module, None) is None  # selects its best: alone
+
+    def surnames_key(**kw):
+        return group_key("surnames", surnames, surnames.Config(**kw))
+
+    assert surnames_key(dropout=0.0) == surnames_key(dropout=0.5, label_smoothing=0.2)
+    assert surnames_key(ngram_buckets=0, ngram_max=3) == surnames_key(ngram_buckets=0)  # unused
+    assert surnames_key(ngram_max=3) != surnames_key()
+    assert surnames_key(patience=2) != surnames_key()  # the early stop is the group's rule
+    assert surnames_key(class_balanced=True) != surnames_key()  # what it selects by
+
+    def flow_key(**kw):
+        return group_key("grad_flow", grad_flow, config(grad_flow, GF, **kw))
+
+    assert flow_key(spectral_radius=0.5) == flow_key(probe_batch=64)  # packs; unused
+    assert flow_key(steps=0) is None  # no training: nothing to pack
+
+
+def pack(module, task, cfgs, workdirs) -> list[Member]:
+    """fit_packed the trials `cfgs` in `workdirs`; their runs closed after."""
+    members = [member(module, c, w, task) for c, w in zip(cfgs, workdirs, strict=True)]
+    try:
+        fit_packed(members)
+    finally:
+        for m in members:
+            m.run.close()
+    return members
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+SURNAMES = [*("--cell=rnn", "--hidden_size=16", "--embedding_dim=8", "--steps=64"),
+            *("--eval_every=8", "--log_every=8", "--checkpoint_every=16", "--keep_checkpoints=8"),
+            *("--learning_rate=1e-2", "--ngram_buckets=64", "--patience=1")]  # fmt: skip
+
+
+def test_surnames_trials_pack_with_their_own_selection_and_early_stop(tmp_path):
+    """Dropout and label smoothing pack; each trial keeps its own best parameters and stops
+    early where it would alone (its final checkpoint written then, the others training
+    on); a group resumed after some of its trials stopped trains only the others."""
+    import shutil
+
+    args = [f"--data_dir={shared_data('names')}", *SURNAMES]
+    # the defaults: dropout 0.5, label smoothing 0.1
+    values = [dict(dropout=0.0, label_smoothing=0.0), dict(dropout=0.2, learning_rate=3e-2)]
+    cfgs = [config(surnames, args, **v) for v in values]
+    assert len({group_key("surnames", surnames, c) for c in cfgs}) == 1
+    workdirs = [tmp_path / f"packed{i}" for i in range(len(cfgs))]
+    pack(surnames, "surnames", cfgs, workdirs)
+    ends = [checkpoint_steps(w)[-1] for w in workdirs]
+    # the premise: some trials stop early, some run to the end
+    assert min(ends) < 64 and max(ends) == 64, ends
+    # as if killed after the first stops: the group resumes from their step
+    for w in workdirs:
+        for step in checkpoint_steps(w):
+            if step > min(ends):
+                shutil.rmtree(w / "checkpoints" / str(step))
+    members = pack(surnames, "surnames", cfgs, workdirs)
+    assert all(m.diverged_at is None for m in members)
+    for i, c in enumerate(cfgs):
+        packed = trained(surnames, c, workdirs[i], "surnames")
+        alone = trained(surnames, c, tmp_path / f"alone{i}", "surnames")
+        for k in ("steps", "best_step", "stopped_early"):
+            assert packed.stats[k] == alone.stats[k], (i, k)
+        assert checkpoint_steps(workdirs[i]) == checkpoint_steps(tmp_path / f"alone{i}")
+        assert_same_training(packed, alone, rtol=1e-3)  # the selected parameters
 
 
 def pack_good_and_bad(tmp_path, good, bad) -> list:
@@ -457,6 +527,10 @@ def test_idle_workers_start_while_a_packed_job_trains_and_one_that_dies_idle_is_
     from experiment import study
 
     monkeypatch.setattr(study, "Worker", ScriptedWorker)
+    # the group is not shared out between the two slots here (see the next test): the
+    # scenario is a packed job while the other slot has nothing to run
+    take_job = study.take_job
+    monkeypatch.setattr(study, "take_job", lambda *a, idle=1: take_job(*a, idle=1))
     ScriptedWorker.created, ScriptedWorker.held = [], []
     trials = [study.Trial(f"t{i}", "running_average", {**tokens(RA), "seed": str(i)},
                           tmp_path / f"t{i}") for i in range(3)]  # fmt: skip
@@ -475,6 +549,27 @@ def test_idle_workers_start_while_a_packed_job_trains_and_one_that_dies_idle_is_
     assert ScriptedWorker.created[:2] == [0, 1]
     assert ScriptedWorker.created.count(1) == 2
     assert sorted((r.trial.id, r.exit_code) for r in results) == [("t0", 0), ("t1", 0), ("t2", 0)]
+
+
+def test_a_group_that_is_all_there_is_to_run_is_shared_out_among_idle_workers():
+    from experiment import study
+
+    def trials(n, key="a"):
+        return [study.Trial(f"{key}{i}", "t", {}, None) for i in range(n)]
+
+    def key_of(trial):
+        return trial.id[0]
+
+    pending = trials(5)
+    jobs = [study.take_job(pending, True, (), key_of, idle=2),
+            study.take_job(pending, True, (), key_of, idle=1)]  # fmt: skip
+    assert [len(j) for j in jobs] == [3, 2] and not pending
+    pending = trials(5)  # one worker idle: the whole group
+    assert len(study.take_job(pending, True, (), key_of, idle=1)) == 5
+    pending = [*trials(5), *trials(2, "b")]  # other work for the other worker: not split
+    assert len(study.take_job(pending, True, (), key_of, idle=2)) == 5
+    pending = trials(5)  # trained trials (their runs only finish) are other work too
+    assert len(study.take_job(pending, True, {"a4"}, key_of, idle=2)) == 4
 
 
 @pytest.mark.parametrize("arriving, started", [(3, [0, 1]), (1, [0])])

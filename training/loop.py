@@ -46,6 +46,7 @@ from experiment import interrupt
 from experiment.errors import RunFailed, UsageError
 from experiment.run import Run
 from experiment.workdir import BEST_DIR, checkpoints_dir
+from models.replicas import replica_axis
 from training import memory, sharding
 from training.checkpoints import Checkpoints, has_steps
 from training.config import TrainConfig
@@ -80,6 +81,10 @@ class Problem:
     # as `hp` (these Python values in a plain run; per-replica arrays when trials are
     # packed into one program, training.packing).
     hparams: dict[str, float] = dataclasses.field(default_factory=dict)
+    # init_fn(model, hp): the hparams that enter the initialisation (e.g. a spectral
+    # radius) applied to a model make_model just built, in place (per-replica arrays
+    # when packed). None: make_model's initialisation is the whole of it.
+    init_fn: Callable[[nnx.Module, dict], None] | None = None
     # A model with make_model's parameters whose code does not depend on `hparams`,
     # when make_model's does (the RNN holds its activation; eval_fn applies hp's):
     # trials that differ only in hparams then share one compiled evaluation (a study's
@@ -190,8 +195,11 @@ def _base_key(seed: int) -> jax.Array:
     return jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 0x5EED))
 
 
-def _init_params(make_model, seed):
-    return nnx.split(make_model(nnx.Rngs(jax.random.key(seed))))[1]
+def _init_params(problem: Problem, seed, hp):
+    model = problem.make_model(nnx.Rngs(jax.random.key(seed)))
+    if problem.init_fn is not None:
+        problem.init_fn(model, hp)
+    return nnx.split(model)[1]
 
 
 def init_train_state(
@@ -204,23 +212,33 @@ def init_train_state(
 
 
 def init_replicas(
-    problem: Problem, tx, seeds, replicated: bool, shapes_only: bool = False
+    problem: Problem, tx, seeds, replicated: bool, shapes_only: bool = False, hp=None
 ) -> tuple[Any, TrainState]:
     """(graphdef, initial state) of one replica per seed in `seeds` (a leading replica
     axis on every leaf when `replicated`, else the one seed's state). shapes_only: the
-    state's shapes and dtypes, with nothing compiled or computed."""
-    graphdef = abstract_graphdef(problem.make_model)
-    init = functools.partial(_init_params, problem.make_model)
+    state's shapes and dtypes, with nothing compiled or computed. hp: per-replica
+    values of the problem's hparams (packed trials: problem.init_fn applies them);
+    None: the problem's own."""
 
-    def one(seed):
-        params = init(seed)
+    def one(seed, values):
+        params = _init_params(problem, seed, values)
         return TrainState(jnp.int32(0), params, tx.init(params), _base_key(seed), jnp.int32(-1))
 
-    init_all = jax.jit(jax.vmap(one) if replicated else one)
+    graphdef = abstract_graphdef(problem.make_model)
     seed_arg = jnp.asarray(seeds, jnp.int32) if replicated else jnp.int32(seeds[0])
+    if hp is None or problem.init_fn is None:  # the problem's values, as constants
+
+        def own(seed):
+            return one(seed, problem.hparams)
+
+        init_all = jax.jit(jax.vmap(own) if replicated else own)
+        args: tuple = (seed_arg,)
+    else:
+        init_all = jax.jit(jax.vmap(one))
+        args = (seed_arg, {k: jnp.asarray(hp[k]) for k in problem.hparams})
     # Shapes only: traced, not lowered (a resumed run restores into them).
-    lowered = None if shapes_only else init_all.lower(seed_arg)
-    shapes = jax.eval_shape(init_all, seed_arg) if lowered is None else lowered.out_info
+    lowered = None if shapes_only else init_all.lower(*args)
+    shapes = jax.eval_shape(init_all, *args) if lowered is None else lowered.out_info
     # Shapes are known now and nothing is allocated yet: refuse a size that cannot fit.
     memory.require(
         memory.STEP_STATE_COPIES * memory.tree_bytes(shapes),
@@ -230,7 +248,7 @@ def init_replicas(
         return graphdef, shapes
     # Runs once: cheap XLA optimisation cuts its compile time by a third.
     options = {"xla_backend_optimization_level": 0}
-    return graphdef, lowered.compile(options)(seed_arg)  # type: ignore[arg-type]
+    return graphdef, lowered.compile(options)(*args)  # type: ignore[arg-type]
 
 
 def initial_model(problem: Problem, cfg: TrainConfig) -> nnx.Module:
@@ -364,6 +382,22 @@ def scan_steps(step_fn, state, idx_KxB, active_K=None):
     return jax.lax.scan(body, state, (idx_KxB, active_K))
 
 
+REPLICA_AXIS = "replicas"  # the vmap axis of replicas, named for models.replicas
+
+
+def vmap_replicas(fn, in_axes):
+    """jax.vmap(fn) over replicas (axis REPLICA_AXIS), traced inside
+    models.replicas.replica_axis: the model may skip work that every replica can skip
+    (e.g. a step of padding in every replica's batch), which a plain vmap turns into
+    a select."""
+
+    def traced(*args):
+        with replica_axis(REPLICA_AXIS):
+            return fn(*args)
+
+    return jax.vmap(traced, in_axes=in_axes, axis_name=REPLICA_AXIS)
+
+
 def make_chunk(train_step, replicated: bool):
     """chunk(state, data, idx_KxB, active_K=None): K train steps in one `lax.scan`
     (`scan_steps`), vmapped over replicas when there are several."""
@@ -373,7 +407,7 @@ def make_chunk(train_step, replicated: bool):
 
     if replicated:
         # active_K is shared by the replicas: the cond stays a cond under vmap
-        chunk = jax.vmap(chunk, in_axes=(0, None, 0, None))
+        chunk = vmap_replicas(chunk, in_axes=(0, None, 0, None))
     return jax.jit(chunk, donate_argnums=(0,))
 
 
@@ -454,8 +488,13 @@ class _Selector:
 
         self.best_params = jax.tree.map(pick, params, self.best_params)
 
+    def stopped_replicas(self) -> np.ndarray:
+        """Per replica (shape () or (S,)): evaluations without improvement reached the
+        patience."""
+        return np.asarray(self.patience > 0) & (self.evals_since >= self.patience)
+
     def should_stop(self) -> bool:
-        return self.patience > 0 and bool(np.all(self.evals_since >= self.patience))
+        return bool(np.all(self.stopped_replicas()))
 
     def state_dict(self) -> dict:
         return dict(
@@ -501,9 +540,13 @@ class LoopHooks:
 
     guard: Callable[[TrainState], None]  # act on non-finite values (fail, or stop a trial)
     log: Callable[[int, dict[str, np.ndarray], float], None]  # (step, train metrics, steps/s)
-    save: Callable[[int, TrainState, int], None]  # (step, state, compilations); once per step
+    # (step, state, compilations, scheduled); once per step. scheduled: a checkpoint
+    # boundary or the end, not only an early stop
+    save: Callable[[int, TrainState, int, bool], None]
     evaluate: Callable[[int, TrainState], None] | None = None
     stopped: Callable[[], bool] = lambda: False  # early stopping, or no trial left
+    # a packed trial stopped early at this boundary: it needs its final checkpoint now
+    stopping: Callable[[], bool] = lambda: False
     compiled: Callable[[float], None] = lambda seconds: None  # a chunk's compile time
 
 
@@ -562,11 +605,12 @@ def run_chunks(
         if hooks.evaluate is not None and (_crossed(before, step, cfg.eval_every) or end):
             hooks.guard(state)
             hooks.evaluate(step, state)
-        if _crossed(before, step, cfg.checkpoint_every) or end or hooks.stopped():
+        scheduled = _crossed(before, step, cfg.checkpoint_every) or end
+        if scheduled or hooks.stopped() or hooks.stopping():
             hooks.guard(state)
-            hooks.save(step, state, len(compiled))
+            hooks.save(step, state, len(compiled), scheduled)
     hooks.guard(state)
-    hooks.save(step, state, len(compiled))  # a step not saved yet (e.g. a resumed end)
+    hooks.save(step, state, len(compiled), True)  # a step not saved yet (e.g. a resumed end)
     return state, step
 
 
@@ -676,16 +720,18 @@ def fit(
             if selector.should_stop():
                 stopped_early = True
 
-    def save(at_step: int, state: TrainState, compilations: int) -> None:
+    def save(at_step: int, state: TrainState, compilations: int, scheduled: bool) -> None:
         nonlocal last_saved, totals
+        del scheduled  # one run saves at every boundary it is asked to (an early stop too)
         if last_saved == at_step:
             return
         bad = non_finite_replicas(state)
         if bad:
             raise diverged(f"non-finite parameters or optimizer state by step {at_step}", bad[0])
         totals = segment.totals(history, compilations)
+        best = None if selector is None else selector.state_dict()
         checkpoints.save(
-            at_step, state.params, _train_state_dict(state, selector), saved_config, totals
+            at_step, state.params, _train_state_dict(state, best), saved_config, totals
         )
         last_saved = at_step
 
@@ -732,11 +778,12 @@ def fit(
     )
 
 
-def _train_state_dict(state: TrainState, selector: _Selector | None) -> dict:
-    """What a checkpoint's `train_state` item holds (and what a restore fills in)."""
+def _train_state_dict(state: TrainState, best: dict | None) -> dict:
+    """What a checkpoint's `train_state` item holds (and what a restore fills in); `best`:
+    the selector's state (`_Selector.state_dict`), when the problem selects."""
     saved = dict(opt_state=state.opt_state, step=state.step, key=state.key, bad_step=state.bad_step)
-    if selector is not None:
-        saved["best"] = selector.state_dict()
+    if best is not None:
+        saved["best"] = best
     return saved
 
 
@@ -798,7 +845,7 @@ def _maybe_resume(
     (train.start_run), so a step that fails to restore is damaged, not foreign: it is
     moved aside with a note and the next older one is tried.
     """
-    template = _train_state_dict(state, selector)
+    template = _train_state_dict(state, None if selector is None else selector.state_dict())
     for step in sorted(checkpoints.all_steps(), reverse=True):
         try:
             params, saved, progress = checkpoints.restore(step, state.params, template)

@@ -8,10 +8,11 @@ differs between them enters the step as per-replica arrays:
 * the seed (initial parameters, per-step keys and the batch order, as in `num_seeds`);
 * the optimizer's scalars: `learning_rate` and `weight_decay` (the optax chain is built
   inside the vmapped step from the replica's values, training.optim.make_optimizer);
-* the task's numeric options that enter the loss (`Problem.hparams`, listed by the
-  task module as PACKABLE), e.g. the denoising noise level, the last-step-only
-  loss as a 0/1 weight, or the RNN's activation as an index (every candidate
-  computed, the chosen one kept).
+* the task's numeric options that enter the loss or the initialisation
+  (`Problem.hparams`, listed by the task module as PACKABLE), e.g. the denoising
+  noise level, the last-step-only loss as a 0/1 weight, the RNN's activation as
+  an index (every candidate computed, the chosen one kept), a dropout rate, or a
+  spectral radius that `Problem.init_fn` applies to each replica's initial weights.
 
 Every trial keeps its own workdir: `fit_packed` writes each trial's checkpoints
 (parameters, optimizer state, evaluation history and timings) exactly where and as
@@ -19,6 +20,12 @@ its own `fit` would, and logs its series to its own TensorBoard / W&B run. The
 trial's ordinary run (train.main) then resumes from its final checkpoint, trains
 nothing, and writes the summary and figures; so `linear_probe`, `predict` and a
 resume read a packed trial like any other.
+
+Selection and early stopping per trial (a problem with `select_metric`): one
+selector keeps every replica's best parameters; a trial whose replicas all ran out
+of patience writes its final checkpoint at that step, as its own run would, and is
+handed on while its neighbours train on (its replicas keep running in the program,
+unread). A group resumed after some of its trials stopped trains only the others.
 
 NaN guard per trial: a trial whose replica goes non-finite stops being logged and
 checkpointed (its last finite checkpoint stays) while its neighbours train on; its
@@ -54,6 +61,7 @@ from training.loop import (
     TrainState,
     _scalar_view,
     _Segment,
+    _Selector,
     _Spent,
     _train_state_dict,
     eval_graphdef,
@@ -64,6 +72,7 @@ from training.loop import (
     run_chunks,
     scan_steps,
     task_args,
+    vmap_replicas,
 )
 from training.optim import make_optimizer
 from training.progress import Progress
@@ -93,7 +102,7 @@ def group_key(task: str, module: ModuleType, cfg) -> str | None:
     configuration ignores, plus whether weight decay is on (the optimizer chain's
     structure, hence the checkpoint's, depends on it)."""
     packable = packable_options(module)
-    if not packable:
+    if not packable or (hasattr(module, "trains") and not module.trains(cfg)):
         return None
     ignored = module.ignored_options(cfg) if hasattr(module, "ignored_options") else set()
     key = {k: v for k, v in to_dict(cfg).items() if k not in packable and k not in ignored}
@@ -130,8 +139,11 @@ def _check_compatible(members: list[Member]) -> None:
             and _same_arrays(m.problem.eval_data, lead.problem.eval_data)
         ):
             raise PackingUnavailable("the trials' data differ")
-    if lead.problem.select_metric is not None:
-        raise PackingUnavailable("a problem that selects its best parameters does not pack")
+        selection = ("select_metric", "select_mode", "patience")
+        if any(getattr(m.problem, a) != getattr(lead.problem, a) for a in selection):
+            raise PackingUnavailable("the trials select or stop early differently")
+    if lead.problem.select_metric is not None and lead.problem.eval_fn is None:
+        raise PackingUnavailable("select_metric needs an eval_fn")
 
 
 def _replica_values(members: list[Member], seeds_per: int) -> dict[str, np.ndarray]:
@@ -173,7 +185,9 @@ def fit_packed(
     seeds = np.concatenate([np.arange(m.cfg.seed, m.cfg.seed + seeds_per) for m in members])
     hp = {k: jnp.asarray(v) for k, v in _replica_values(members, seeds_per).items()}
     tx = make_optimizer(cfg)  # the structure; each replica's values enter in the step
-    graphdef, state = init_replicas(problem, tx, seeds, replicated=True)
+    graphdef, state = init_replicas(problem, tx, seeds, replicated=True, hp=hp)
+    # best parameters per replica, and each trial's early stop (per trial, as alone)
+    selector = _Selector(problem, state.params, len(seeds)) if problem.select_metric else None
     stores = [Checkpoints(checkpoints_dir(m.run.workdir), keep=m.cfg.keep_checkpoints)
               for m in members]  # fmt: skip
     closed: set[int] = set()
@@ -189,15 +203,16 @@ def fit_packed(
             on_trained(i)
 
     try:
-        _train(members, stores, graphdef, state, tx, hp, seeds, desc, trained)
+        _train(members, stores, graphdef, state, selector, tx, hp, seeds, desc, trained)
     finally:
         for i in range(len(stores)):
             if i not in closed:
                 close(i)
 
 
-def _resume(members, stores, state: TrainState, seeds_per: int):
-    """(state, what each member spent) from the members' checkpoints, all at one step."""
+def _resume(members, stores, state: TrainState, selector: _Selector | None, seeds_per: int):
+    """(state, what each member spent) from the members' checkpoints, all at one step
+    (and `selector` loaded from theirs)."""
     saved_steps = [set(store.all_steps()) for store in stores]
     if not any(saved_steps):
         return state, [_Spent() for _ in members]
@@ -208,28 +223,32 @@ def _resume(members, stores, state: TrainState, seeds_per: int):
         newest = [max(steps, default=None) for steps in saved_steps]
         raise PackingUnavailable(f"the trials' checkpoints have no step in common ({newest})")
     step = max(common)
-    parts, spent = [], []
+    parts, bests, spent = [], [], []
     for i, store in enumerate(stores):
         template = _member_slice(state, i, seeds_per)
+        best = None if selector is None else _member_slice(selector.state_dict(), i, seeds_per)
         try:
             params, saved, progress = store.restore(
-                step, template.params, _train_state_dict(template, None)
+                step, template.params, _train_state_dict(template, best)
             )
         except Exception as err:  # damaged: the trial's own run moves it aside
             raise PackingUnavailable(f"a checkpoint is unreadable ({type(err).__name__})") from None
         parts.append(TrainState(saved["step"], params, saved["opt_state"], saved["key"],
                                 saved["bad_step"]))  # fmt: skip
+        bests.append(saved.get("best"))
         spent.append(_Spent.from_saved(progress))
     stack = (lambda *xs: jnp.stack(xs)) if seeds_per == 1 else (lambda *xs: jnp.concatenate(xs))
+    if selector is not None:
+        selector.load(jax.tree.map(stack, *bests))
     print(f"resuming {len(members)} packed trials from step {step}", flush=True)
     return jax.tree.map(stack, *parts), spent
 
 
-def _train(members, stores, graphdef, state, tx, hp, seeds, desc, trained) -> None:
+def _train(members, stores, graphdef, state, selector, tx, hp, seeds, desc, trained) -> None:
     lead = members[0]
     cfg, problem = lead.cfg, lead.problem
     seeds_per = cfg.num_seeds
-    state, spent = _resume(members, stores, state, seeds_per)
+    state, spent = _resume(members, stores, state, selector, seeds_per)
     train_data, eval_data = problem.train_data, problem.eval_data
     num_examples = jax.tree.leaves(train_data)[0].shape[0]
     samplers = [EpochSampler(num_examples, cfg.batch_size, int(s)) for s in seeds]
@@ -245,7 +264,7 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc, trained) -> No
     def chunk_fn(s, data, idx_KxB, active_K, values):
         return scan_steps(lambda c, idx: train_step(c, data, idx, values), s, idx_KxB, active_K)
 
-    chunk = jax.jit(jax.vmap(chunk_fn, in_axes=(0, None, 0, None, 0)), donate_argnums=(0,))
+    chunk = jax.jit(vmap_replicas(chunk_fn, in_axes=(0, None, 0, None, 0)), donate_argnums=(0,))
     evaluate = None
     if problem.eval_fn is not None:
         hp_axes = (0,) if problem.hparams else ()  # per-replica values, when it takes any
@@ -262,9 +281,18 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc, trained) -> No
     held = [set(store.all_steps()) for store in stores]
     progress = Progress(cfg.steps, start=step, desc=desc)
     finished: set[int] = set()  # members whose final checkpoint is written
+    stopping: set[int] = set()  # members that stopped early at this boundary
 
     def alive() -> list[int]:
-        return [i for i, m in enumerate(members) if m.diverged_at is None]
+        """Members still training: not diverged, final checkpoint not yet written."""
+        return [i for i, m in enumerate(members) if m.diverged_at is None and i not in finished]
+
+    def stopped_members() -> list[int]:
+        """Members whose every replica ran out of patience (an early stop, as alone)."""
+        if selector is None:
+            return []
+        done = selector.stopped_replicas().reshape(len(members), seeds_per).all(axis=1)
+        return [i for i in alive() if done[i]]
 
     def guard(state: TrainState) -> None:
         """Stop following members whose replicas went non-finite (per trial)."""
@@ -295,37 +323,54 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc, trained) -> No
             mine = metrics_of(ev, i)
             histories[i].append(dict(step=at_step, **{k: v.tolist() for k, v in mine.items()}))
             members[i].run.log(at_step, _scalar_view(mine, "eval_"))
+        if selector is not None:
+            selector.update(at_step, ev, state.params)
+            stopping.update(stopped_members())
 
-    def save(at_step: int, state: TrainState, compilations: int) -> None:
+    def save(at_step: int, state: TrainState, compilations: int, scheduled: bool) -> None:
         with interrupt.deferred():  # a Ctrl-C does not split the group's checkpoints
             # one copy to the host, sliced there: a device slice per leaf and member
             # was a dispatch each (a second per save of 16 linear autoencoders)
             host = None
             for i in alive():
+                # a member saves where its own run would: at its checkpoint boundaries,
+                # at the end, and where it stops early (not where a neighbour stopped)
+                if not (scheduled or i in stopping):
+                    continue
                 if not (last_saved[i] == at_step or at_step in held[i]):
-                    host = jax.device_get(state) if host is None else host
+                    host = host_copy(state) if host is None else host
                     if not save_member(i, at_step, host, compilations):
                         continue
-                if at_step >= cfg.steps and i not in finished:
-                    finished.add(i)  # its training is complete and on disk
-                    trained(i)
+                if at_step >= cfg.steps or i in stopping:
+                    finish(i)
+            stopping.clear()
 
-    def save_member(i: int, at_step: int, host: TrainState, compilations: int) -> bool:
+    def host_copy(state: TrainState):
+        """(state, selector state or None) on the host."""
+        return jax.device_get((state, None if selector is None else selector.state_dict()))
+
+    def finish(i: int) -> None:
+        finished.add(i)  # its training is complete and on disk
+        trained(i)
+
+    def save_member(i: int, at_step: int, host, compilations: int) -> bool:
         """Write member i's checkpoint; False (and the member stopped) when its state is
         not finite (what the step's guard does not read: see make_train_step)."""
         m = members[i]
-        mine = _member_slice(host, i, seeds_per)
+        host_state, host_best = host
+        mine: TrainState = _member_slice(host_state, i, seeds_per)
+        best = None if host_best is None else _member_slice(host_best, i, seeds_per)
         if non_finite_replicas(mine):
             m.diverged_at = at_step
             print(f"note: {m.run.workdir.name}'s parameters or optimizer state are non-finite "
                   f"by step {at_step}; stopped it (last checkpoint: step {last_saved[i]}); "
                   "the other packed trials go on", flush=True)  # fmt: skip
             return False
-        mine = jax.tree.map(jnp.asarray, mine)
+        mine, best = jax.tree.map(jnp.asarray, (mine, best))
         stores[i].save(
             at_step,
             mine.params,
-            _train_state_dict(mine, None),
+            _train_state_dict(mine, best),
             {"task": m.run.task, "config": m.run.config_dict},
             segments[i].totals(histories[i], compilations),
         )
@@ -342,8 +387,13 @@ def _train(members, stores, graphdef, state, tx, hp, seeds, desc, trained) -> No
         save=save,
         evaluate=None if evaluate is None else evaluate_at,
         stopped=lambda: not alive(),
+        stopping=lambda: bool(stopping),
         compiled=add_compile_time,
     )
+    for i in stopped_members():  # resumed after they stopped early: nothing to train
+        print(f"note: {members[i].run.workdir.name} stopped early before; not trained on",
+              flush=True)  # fmt: skip
+        finish(i)
     try:
         run_chunks(state, cfg, chunk, train_data, (hp,), samplers, hooks, progress,
                    f"a packed train step ({len(seeds)} replicas)")  # fmt: skip
