@@ -252,7 +252,7 @@ def trained_or_initial_model(
 PACKABLE = (*running_average.PACKABLE, "spectral_radius")
 
 
-def trains(cfg: Config) -> bool:
+def packs(cfg: Config) -> bool:
     """Whether the run trains (steps > 0): only then is there a training to pack."""
     return cfg.steps > 0
 

@@ -218,6 +218,15 @@ def hparams(cfg: Config) -> dict[str, float]:
     return {"dropout": cfg.dropout, "label_smoothing": label_smoothing(cfg)}
 
 
+def packs(cfg: Config) -> bool:
+    """Trials with the hashed n-gram bag train alone. Measured on the 2-core CPU
+    (BENCHMARKS.md, "Whole studies"): packed, a replica's step costs about 1.2x its
+    step alone, since its n-gram table's gradient and AdamW moments (16 MB each
+    replica) no longer stay in the cache, and a grid of 6 such trials took longer
+    packed than one after another. Without the bag packing costs nothing per step."""
+    return cfg.ngram_buckets == 0
+
+
 def ignored_options(cfg: Config) -> set[str]:
     """Options this configuration does not use: trials differing only in them run the
     same program."""

@@ -34,7 +34,9 @@ alone.
 
 A task takes part by defining `training_problem(cfg) -> (train_cfg, Problem)` (the
 one `fit` of its run that packing replaces), `PACKABLE` and optionally
-`ignored_options(cfg)` (options the configuration does not use).
+`ignored_options(cfg)` (options the configuration does not use) and `packs(cfg)`
+(False: this configuration trains alone, e.g. it does not train, or packing it was
+measured to be slower).
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def group_key(task: str, module: ModuleType, cfg) -> str | None:
     configuration ignores, plus whether weight decay is on (the optimizer chain's
     structure, hence the checkpoint's, depends on it)."""
     packable = packable_options(module)
-    if not packable or (hasattr(module, "trains") and not module.trains(cfg)):
+    if not packable or (hasattr(module, "packs") and not module.packs(cfg)):
         return None
     ignored = module.ignored_options(cfg) if hasattr(module, "ignored_options") else set()
     key = {k: v for k, v in to_dict(cfg).items() if k not in packable and k not in ignored}
