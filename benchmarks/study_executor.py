@@ -73,12 +73,21 @@ GRIDS = {
          "kind": ["vanilla", "denoising"]},
         "probe_accuracy",
     ),
-    # the surname classifier's regularisation at 900 steps (4 epochs): one packed group
+    # the surname classifier's regularisation at 900 steps (4 epochs), without the
+    # n-gram bag (with it, trials train alone: tasks.surnames.packs): one packed group
     "surnames_regularisation": (
         "surnames",
-        {"steps": "900", "data_dir": str(REPO.parent / "shared" / "data" / "names")},
+        {"steps": "900", "ngram_buckets": "0",
+         "data_dir": str(REPO.parent / "shared" / "data" / "names")},
         {"dropout": ["0.0", "0.25", "0.5"], "label_smoothing": ["0.0", "0.1"]},
         "val_accuracy",
+    ),
+    # gradient flow after 500 steps of training, 8 spectral radii at initialisation
+    "flow_radius": (
+        "grad_flow",
+        {"steps": "500"},
+        {"spectral_radius": ["none", "0.5", "0.8", "0.9", "0.95", "1.0", "1.05", "1.1"]},
+        "eval_loss",
     ),
 }  # fmt: skip
 
