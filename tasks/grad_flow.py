@@ -235,15 +235,17 @@ def running_average_config(cfg: Config) -> running_average.Config:
 
 def trained_or_initial_model(
     cfg: Config, run: Run, model: str | None = None
-) -> tuple[SequenceRegressor, dict[str, float]]:
-    """The model at initialisation, or after `steps` of running-average training
-    (then also its held-out `eval_loss`)."""
+) -> tuple[SequenceRegressor, dict[str, float], dict]:
+    """(the model, its held-out `eval_loss`, the training's stats: steps, seconds, ...)
+    after `steps` of running-average training; at initialisation (steps = 0) the
+    two dicts are empty."""
     if cfg.steps == 0:
         memory.require_model(lambda: make_model(cfg, nnx.Rngs(cfg.seed)))
-        return make_model(cfg, nnx.Rngs(cfg.seed)), {}
+        return make_model(cfg, nnx.Rngs(cfg.seed)), {}, {}
     train_cfg, problem = training_problem(cfg)
     result = fit(train_cfg, problem, run, model=model)
-    return result.model(), {"eval_loss": float(result.evaluate(problem.eval_data)["loss"])}
+    held_out = {"eval_loss": float(result.evaluate(problem.eval_data)["loss"])}
+    return result.model(), held_out, result.stats
 
 
 # Options that enter the training as values (Problem.hparams): those of
@@ -290,9 +292,9 @@ def probe_batch(cfg: Config) -> tuple[jax.Array, jax.Array]:
 
 
 def run(cfg: Config, run: Run) -> dict:
-    model, trained = trained_or_initial_model(cfg, run)
+    model, trained, stats = trained_or_initial_model(cfg, run)
     flow = measure(model, *probe_batch(cfg), cfg.last_step_only)
-    summary = {**flow_summary(flow), **trained}
+    summary = {**flow_summary(flow), **trained, **stats}
     print(
         f"log ||dL/dh_t|| slope {summary.get('log_grad_slope', float('nan')):+.4f} per step; "
         f"||dL/dh_1|| / ||dL/dh_T|| = {summary.get('grad_ratio_first_last', float('nan')):.3g} "

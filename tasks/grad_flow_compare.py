@@ -61,7 +61,7 @@ def run(cfg: Config, run: Run) -> dict:
             vcfg = variant_config(cfg, variant, last_only)
             loss = "last" if last_only else "all"
             try:
-                model, trained = grad_flow.trained_or_initial_model(
+                model, trained, _ = grad_flow.trained_or_initial_model(
                     vcfg, run, model=f"{variant}_{loss}"
                 )
             except RunFailed as err:  # one diverging variant must not hide the others
