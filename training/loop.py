@@ -459,6 +459,23 @@ def _build_eval(graphdef, eval_fn, in_axes):
 _memoised_eval = functools.lru_cache(maxsize=32)(_build_eval)
 
 
+@jax.jit
+def _copy_tree(tree):
+    """A copy of every leaf, in one compiled program (eagerly, one per leaf shape)."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+@jax.jit
+def _pick_replicas(better, new, old):
+    """Per replica, `new` where `better` (shape () or (S,)), else `old`: one compiled
+    program for the whole tree (eagerly, one per leaf shape: 40 ms each on the CPU)."""
+
+    def pick(n, o):
+        return jnp.where(better.reshape(better.shape + (1,) * (n.ndim - better.ndim)), n, o)
+
+    return jax.tree.map(pick, new, old)
+
+
 class _Selector:
     """Best parameters so far by an eval metric, per replica, kept on the device."""
 
@@ -472,7 +489,7 @@ class _Selector:
         self.best_value = np.full(shape, worst)
         self.best_step = np.zeros(shape, np.int64)
         self.evals_since = np.zeros(shape, np.int64)
-        self.best_params = jax.tree.map(jnp.copy, params)
+        self.best_params = _copy_tree(params)  # the loop donates `params`' buffers
 
     def update(self, step: int, metrics: dict[str, np.ndarray], params) -> None:
         value = np.asarray(metrics[self.metric])
@@ -480,13 +497,7 @@ class _Selector:
         self.best_value = np.where(better, value, self.best_value)
         self.best_step = np.where(better, step, self.best_step)
         self.evals_since = np.where(better, 0, self.evals_since + 1)
-        mask = jnp.asarray(better)
-
-        def pick(new, old):
-            m = mask.reshape(mask.shape + (1,) * (new.ndim - mask.ndim))
-            return jnp.where(m, new, old)
-
-        self.best_params = jax.tree.map(pick, params, self.best_params)
+        self.best_params = _pick_replicas(jnp.asarray(better), params, self.best_params)
 
     def stopped_replicas(self) -> np.ndarray:
         """Per replica (shape () or (S,)): evaluations without improvement reached the
