@@ -221,9 +221,10 @@ def hparams(cfg: Config) -> dict[str, float]:
 def packs(cfg: Config) -> bool:
     """Trials with the hashed n-gram bag train alone. Measured on the 2-core CPU
     (BENCHMARKS.md, "Whole studies"): packed, a replica's step costs about 1.2x its
-    step alone, since its n-gram table's gradient and AdamW moments (16 MB each
-    replica) no longer stay in the cache, and a grid of 6 such trials took longer
-    packed than one after another. Without the bag packing costs nothing per step."""
+    step alone: each replica's n-gram table, its gradient and its AdamW moments
+    (16 MB) no longer stay in the cache. A grid of 6 such trials took longer packed
+    than unpacked on the same two workers. Without the bag, packing costs nothing
+    per step."""
     return cfg.ngram_buckets == 0
 
 
