@@ -51,6 +51,17 @@ def trained(module, cfg, workdir, task):
         run.close()
 
 
+def pack(module, task, cfgs, workdirs) -> list[Member]:
+    """fit_packed the trials `cfgs` in `workdirs`; their runs closed after."""
+    members = [member(module, c, w, task) for c, w in zip(cfgs, workdirs, strict=True)]
+    try:
+        fit_packed(members)
+    finally:
+        for m in members:
+            m.run.close()
+    return members
+
+
 def assert_same_training(packed, alone, rtol=1e-4, atol=1e-6):
     for a, b in zip(jax.tree.leaves(packed.params), jax.tree.leaves(alone.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
@@ -99,12 +110,7 @@ def test_packed_trials_equal_the_same_trials_run_alone(
     cfgs = [config(module, args, **{option: v}) for v in values]
     keys = {group_key(task, module, c) for c in cfgs}
     assert len(keys) == 1 and None not in keys  # the option packs
-    members = [member(module, c, tmp_path / f"packed{i}", task) for i, c in enumerate(cfgs)]
-    try:
-        fit_packed(members)
-    finally:
-        for m in members:
-            m.run.close()
+    pack(module, task, cfgs, [tmp_path / f"packed{i}" for i in range(len(cfgs))])
     results = []
     for i, c in enumerate(cfgs):
         packed = trained(module, c, tmp_path / f"packed{i}", task)
@@ -144,17 +150,6 @@ def test_group_keys_split_what_changes_the_program_and_join_what_does_not():
 
     assert flow_key(spectral_radius=0.5) == flow_key(probe_batch=64)  # packs; unused
     assert flow_key(steps=0) is None  # no training: nothing to pack
-
-
-def pack(module, task, cfgs, workdirs) -> list[Member]:
-    """fit_packed the trials `cfgs` in `workdirs`; their runs closed after."""
-    members = [member(module, c, w, task) for c, w in zip(cfgs, workdirs, strict=True)]
-    try:
-        fit_packed(members)
-    finally:
-        for m in members:
-            m.run.close()
-    return members
 
 
 def checkpoint_steps(workdir) -> list[int]:
@@ -201,13 +196,8 @@ def test_surnames_trials_pack_with_their_own_selection_and_early_stop(tmp_path):
 def pack_good_and_bad(tmp_path, good, bad) -> list:
     """fit_packed a good and a bad trial (workdirs good/, bad/); checks that the bad one
     stopped alone and the good one trained to the end, equal to its run alone."""
-    members = [member(running_average, c, tmp_path / n, "running_average")
-               for c, n in ((good, "good"), (bad, "bad"))]  # fmt: skip
-    try:
-        fit_packed(members)
-    finally:
-        for m in members:
-            m.run.close()
+    members = pack(running_average, "running_average", [good, bad],
+                   [tmp_path / "good", tmp_path / "bad"])  # fmt: skip
     assert members[0].diverged_at is None and members[1].diverged_at is not None
     packed = trained(running_average, good, tmp_path / "good", "running_average")
     alone = trained(running_average, good, tmp_path / "alone", "running_average")
@@ -463,18 +453,10 @@ def test_a_group_whose_checkpoints_were_split_by_a_kill_resumes_from_their_commo
     args = [*RA, "--checkpoint_every=8", "--keep_checkpoints=2"]
     cfgs = [config(running_average, args, learning_rate=lr) for lr in (3e-3, 3e-2)]
 
-    def pack():
-        members = [member(running_average, c, tmp_path / f"p{i}", "running_average")
-                   for i, c in enumerate(cfgs)]  # fmt: skip
-        try:
-            fit_packed(members)
-        finally:
-            for m in members:
-                m.run.close()
-
-    pack()
+    workdirs = [tmp_path / f"p{i}" for i in range(len(cfgs))]
+    pack(running_average, "running_average", cfgs, workdirs)
     shutil.rmtree(tmp_path / "p1" / "checkpoints" / "40")  # as if killed before its save
-    pack()
+    pack(running_average, "running_average", cfgs, workdirs)
     for i, c in enumerate(cfgs):
         packed = trained(running_average, c, tmp_path / f"p{i}", "running_average")
         alone = trained(running_average, c, tmp_path / f"alone{i}", "running_average")
