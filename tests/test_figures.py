@@ -28,9 +28,23 @@ TASKS = {
 
 
 def checked_figures(monkeypatch) -> list[str]:
-    """Wrap Run.save_figure: every figure's problems are collected, then it is saved."""
+    """Wrap Run.save_figure: every figure's problems are collected, then it is saved.
+    Saving measures the drawn figure the cheaper way (figures.drawn_extent): a box other
+    than matplotlib's own measure of it is a problem too."""
+    from experiment import figures
+
     found: list[str] = []
     original = Run.save_figure
+    cheaper = figures.drawn_extent
+
+    def compared(fig, renderer):
+        box = cheaper(fig, renderer)
+        theirs = fig.get_tightbbox(fig.canvas.get_renderer())
+        if box.bounds != theirs.bounds:
+            found.append(f"measured {box.bounds}, matplotlib measures {theirs.bounds}")
+        return box
+
+    monkeypatch.setattr(figures, "drawn_extent", compared)
 
     def save_figure(self, fig, name, step=None):
         plain_log_labels(fig)  # what save_figure draws: the labels' final text
@@ -348,6 +362,54 @@ def test_a_reused_figure_draws_the_pixels_of_a_new_one(plots, monkeypatch):
         for name in new:
             assert _decoded(reused[name]).shape == _decoded(new[name]).shape, name
             assert reused[name] == new[name], name
+
+
+def _measured_anew(fig, renderer):
+    """The extent as matplotlib measures it after a draw: a new renderer, ticks
+    recomputed wherever they are asked for."""
+    return fig.get_tightbbox(fig.canvas.get_renderer())
+
+
+@pytest.mark.parametrize("plots", [_running_average_plots, _linear_ae_plots, _autoencoder_plots])
+def test_the_cheaper_measure_crops_every_figure_where_matplotlibs_does(plots, monkeypatch):
+    """png_bytes measures what it drew with the draw's renderer and each axis's ticks
+    computed once (figures.drawn_extent): the PNGs equal those cropped by matplotlib's
+    own measure, on new figures and on reused ones, whichever trial comes first."""
+    from experiment import figures
+
+    first, second = plots()
+    drawn = {}
+    for measure in ("cheaper", "matplotlib's"):
+        if measure != "cheaper":
+            monkeypatch.setattr(figures, "drawn_extent", _measured_anew)
+        monkeypatch.setattr(figures, "_REUSABLE", {})
+        run = _PngRun()
+        for plot in (first, second, first):  # new figures, then reused ones
+            plot(run)
+            drawn[measure, plot, len(drawn)] = dict(run.pngs)
+    cheaper = [pngs for (m, *_), pngs in drawn.items() if m == "cheaper"]
+    theirs = [pngs for (m, *_), pngs in drawn.items() if m != "cheaper"]
+    assert cheaper == theirs
+
+
+def test_the_cheaper_measure_leaves_the_axes_as_they_were():
+    """drawn_extent's per-axis tick memo is taken back: the next draw computes ticks anew
+    (new limits give new ticks), and a method set on an axis before is kept."""
+    from experiment import figures
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.semilogy([1, 2], [1e-3, 1e3])
+    figures.png_bytes(fig, dpi=50)
+    assert "_update_ticks" not in vars(ax.xaxis) and "_update_ticks" not in vars(ax.yaxis)
+    ax.set_ylim(1e-9, 1e9)
+    figures.png_bytes(fig, dpi=50)
+    assert min(ax.get_yticks()) <= 1e-9
+    own = ax.xaxis._update_ticks
+    ax.xaxis._update_ticks = own  # an instance attribute of its own
+    figures.png_bytes(fig, dpi=50)
+    assert vars(ax.xaxis)["_update_ticks"] is own
+    plt.close(fig)
 
 
 def test_an_emptied_figure_keeps_nothing_of_a_different_plot(monkeypatch):
