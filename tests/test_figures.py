@@ -196,6 +196,36 @@ def test_one_pass_png_crops_on_the_figure_background(face):
     assert one.shape[0] < (3 + 1) * 60 and one.shape[1] < (4 + 1) * 60
 
 
+def test_one_pass_png_drops_the_alpha_channel_only_of_an_opaque_figure():
+    """An opaque figure is written as RGB (smaller, faster to compress), with the pixels
+    of the RGBA one; a figure with transparent parts keeps its alpha channel."""
+    import io
+
+    from PIL import Image
+
+    plt = pyplot()
+    for face, mode in (("white", "RGB"), ("none", "RGBA")):
+        fig, ax = plt.subplots(figsize=(3, 2), facecolor=face)
+        ax.plot([0, 1], [1, 0], label="a line")
+        ax.legend()
+        image = Image.open(io.BytesIO(png_bytes(fig, dpi=60)))
+        rgba = _decoded_rgba(_two_pass_at(fig, 60))
+        plt.close(fig)
+        assert image.mode == mode
+        # the picture savefig writes (RGBA, opaque where the figure is), to a pixel
+        assert abs(image.size[0] - rgba.shape[1]) <= 1 and abs(image.size[1] - rgba.shape[0]) <= 1
+        assert (rgba[..., 3] == 255).all() == (mode == "RGB")
+
+
+def _decoded_rgba(png: bytes):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGBA"))
+
+
 def test_one_pass_png_of_an_empty_figure_and_of_a_laid_out_one():
     plt = pyplot()
     empty = plt.figure(figsize=(2, 2))
