@@ -147,6 +147,19 @@ def take_job(
     return job
 
 
+def prefer_own_trials(pending: list[Trial], trained_by: dict[str, int], slot: int) -> None:
+    """Put first what worker `slot` should run next: a trial it trained packed (its run
+    evaluates and plots with the programs the worker compiled for the group), else
+    one not trained yet (new work), else the pending order (trials another worker
+    trained). Another worker finishing a group's trials compiles those programs
+    again, at the same time as the worker that trained it, when both finish their
+    groups together (the persistent cache only helps the later of the two)."""
+    own = [i for i, t in enumerate(pending) if trained_by.get(t.id) == slot]
+    new = [i for i, t in enumerate(pending) if t.id not in trained_by]
+    first = (own or new or [0])[0]
+    pending.insert(0, pending.pop(first))
+
+
 class Worker:
     """One experiment.worker process and the job it is running."""
 
@@ -238,6 +251,7 @@ def run_trials(
     pool: list[Worker | None] = [None] * workers
     pending: list[Trial] = []
     trained: set[str] = set()  # trained packed; their own runs still to finish
+    trained_by: dict[str, int] = {}  # the worker slot that trained them
     keys: dict[str, str | None] = {}
     started: set[int] = set()  # worker slots started at least once
 
@@ -271,6 +285,7 @@ def run_trials(
                     start_new_slots(len(pending))
                 if not pending:
                     break
+                prefer_own_trials(pending, trained_by, i)
                 job = take_job(pending, pack, trained, key_of, idle=len(idle) - idle.index(i))
                 worker = pool[i]
                 if worker is None:
@@ -301,6 +316,7 @@ def run_trials(
             if "packed" in message:  # their runs finish next, on any idle worker
                 done = [worker.running.pop(i) for i in message["packed"] if i in worker.running]
                 trained.update(t.id for t in done)
+                trained_by.update((t.id, worker.index) for t in done)
                 pending[:0] = done
                 continue
             trial = worker.running.pop(message["id"], None)

@@ -555,6 +555,32 @@ def test_a_group_that_is_all_there_is_to_run_is_shared_out_among_idle_workers():
     assert len(study.take_job(pending, True, {"a4"}, key_of, idle=2)) == 4
 
 
+def test_a_worker_finishes_the_trials_it_trained_then_takes_new_work():
+    """Order of preference for an idle worker: trials it trained packed (its programs
+    are compiled), then trials not trained yet, then trials another worker trained."""
+    from experiment import study
+
+    def ids(pending):
+        return [t.id for t in pending]
+
+    pending = [study.Trial(i, "t", {}, None) for i in ("w1a", "w0a", "new", "w1b", "w0b")]
+    trained_by = {"w1a": 1, "w1b": 1, "w0a": 0, "w0b": 0}
+    study.prefer_own_trials(pending, trained_by, 0)
+    assert ids(pending) == ["w0a", "w1a", "new", "w1b", "w0b"]
+    pending.pop(0)
+    study.prefer_own_trials(pending, trained_by, 0)
+    assert ids(pending)[0] == "w0b"
+    pending.pop(0)
+    study.prefer_own_trials(pending, trained_by, 0)  # none of its own left: new work
+    assert ids(pending) == ["new", "w1a", "w1b"]
+    pending.pop(0)
+    study.prefer_own_trials(pending, trained_by, 0)  # then the other worker's trials
+    assert ids(pending) == ["w1a", "w1b"]
+    pending = [study.Trial(i, "t", {}, None) for i in ("x", "y")]
+    study.prefer_own_trials(pending, {}, 1)  # nothing trained packed: the pending order
+    assert ids(pending) == ["x", "y"]
+
+
 @pytest.mark.parametrize("arriving, started", [(3, [0, 1]), (1, [0])])
 def test_workers_start_as_trials_arrive_before_they_are_grouped(
     tmp_path, monkeypatch, arriving, started
