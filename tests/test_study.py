@@ -555,6 +555,20 @@ def test_a_group_that_is_all_there_is_to_run_is_shared_out_among_idle_workers():
     assert len(study.take_job(pending, True, {"a4"}, key_of, idle=2)) == 4
 
 
+def test_workers_that_share_a_device_allocate_its_memory_as_they_use_it(monkeypatch):
+    """Several workers on one GPU: none takes JAX's default 75% of its memory at start
+    (the others would find too little left); one worker, or a user's own setting, is
+    left alone."""
+    from experiment import study
+
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    assert study.worker_env(2)["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in study.worker_env(1)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
+    assert study.worker_env(2)["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
+    assert study.worker_env(2)["PYTHONPATH"].split(os.pathsep)[0] == str(study.REPO)
+
+
 def test_a_worker_finishes_the_trials_it_trained_then_takes_new_work():
     """Order of preference for an idle worker: trials it trained packed (its programs
     are compiled), then trials not trained yet, then trials another worker trained."""
