@@ -471,7 +471,7 @@ class ScriptedWorker:
     created: ClassVar[list[int]] = []
     held: ClassVar[list] = []  # packed answers waiting for slot 1
 
-    def __init__(self, index, events, cwd, log):
+    def __init__(self, index, events, cwd, log, workers=1):
         self.index, self.events, self.running = index, events, {}
         ScriptedWorker.created.append(index)
         if index == 1 and ScriptedWorker.created.count(1) == 1:
