@@ -41,6 +41,7 @@ from experiment.run import Run
 from models.autoencoders import LinearAutoencoder
 from training.config import TrainConfig
 from training.loop import Problem, fit
+from training.packing import fit_models_packed
 from training.probe import covariance, principal_axes
 
 
@@ -282,6 +283,16 @@ def training_problem(cfg: Config) -> tuple[Config, Problem]:
 
 def run(cfg: Config, run: Run) -> dict:
     x_centred, spec = load_centred(cfg)
+    # the run's models, each trained as a config without a grid: its own at
+    # --weight_decay, then one per --lambda_grid value (a value given twice is one model)
+    lambdas = list(dict.fromkeys(cfg.lambda_grid))
+    models = [(dataclasses.replace(cfg, lambda_grid=()), None)] + [
+        (dataclasses.replace(cfg, weight_decay=lam, lambda_grid=()), f"lambda_{lam:g}")
+        for lam in lambdas
+    ]
+    # trained as replicas of one program where their optimizers match; each train_one
+    # below then resumes from its model's final checkpoint
+    fit_models_packed(run, [(c, make_problem(c, x_centred, spec), m) for c, m in models])
     summary, history = train_one(cfg, run, x_centred, spec, None)
     print(
         f"subspace distance {summary['subspace_distance']:.2e} "
@@ -291,10 +302,9 @@ def run(cfg: Config, run: Run) -> dict:
     if cfg.weight_decay > 0:
         print(f"largest gap to sqrt(1 - lambda/s_i^2): {summary['singular_value_gap']:.2e}")
     grid = {}
-    for lam in cfg.lambda_grid:
-        lam_cfg = dataclasses.replace(cfg, weight_decay=lam, lambda_grid=())
-        grid[lam], _ = train_one(lam_cfg, run, x_centred, spec, f"lambda_{lam:g}")
-        summary.update({f"lambda_{lam:g}_{k}": v for k, v in grid[lam].items()})
+    for lam, (lam_cfg, model) in zip(lambdas, models[1:], strict=True):
+        grid[lam], _ = train_one(lam_cfg, run, x_centred, spec, model)
+        summary.update({f"{model}_{k}": v for k, v in grid[lam].items()})
     plot_training(cfg, run, history)
     plot_singular_values(cfg, run, spec, {cfg.weight_decay: summary, **grid})
     return summary

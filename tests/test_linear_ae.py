@@ -161,3 +161,76 @@ def test_a_changed_data_file_is_not_served_from_the_shared_load(tmp_path):
     assert linear_ae.files_state(str(tmp_path)) != before  # a new cache key: loaded anew
     assert linear_ae.files_state(str(tmp_path / "missing")) == ()
     assert linear_ae.files_state(None) == ()
+
+
+GRID_RUN = ("--task=linear_ae", "--num_train=500", "--steps=60", "--eval_every=20",
+            "--weight_decay=0.001", "--lambda_grid=0.01,0.1,0.01")  # fmt: skip
+# what a model's summary says about its training's cost, not its result
+COST_KEYS = ("train_seconds", "compile_seconds", "steps_per_second", "compilations")
+
+
+def model_results(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if not k.endswith(COST_KEYS)}
+
+
+def test_a_lambda_grid_trains_packed_and_equals_its_models_trained_alone(
+    train_cli, tmp_path, monkeypatch
+):
+    """The run's models whose optimizers match (every weight decay > 0 here: the run's
+    own and the grid's, 0.01 given twice is one model) train as replicas of one program;
+    each model's checkpoints are where its own fit writes them, its summary equal to
+    the same model trained alone."""
+    from training import packing
+
+    packed_groups = []
+    real_fit_packed = packing.fit_packed
+
+    def recording(members, **kwargs):
+        packed_groups.append([m.model for m in members])
+        return real_fit_packed(members, **kwargs)
+
+    monkeypatch.setattr(packing, "fit_packed", recording)
+    code, _, err = train_cli(*GRID_RUN, f"--workdir={tmp_path / 'packed'}")
+    assert code == 0, err
+    assert packed_groups == [[None, "lambda_0.01", "lambda_0.1"]]
+    for model in ("lambda_0.01", "lambda_0.1"):
+        assert (tmp_path / "packed" / "checkpoints" / model / "60").is_dir()
+    packed = json.loads((tmp_path / "packed" / "summary.json").read_text())
+
+    monkeypatch.setattr(linear_ae, "fit_models_packed", lambda run, models: None)
+    code, _, err = train_cli(*GRID_RUN, f"--workdir={tmp_path / 'alone'}")
+    assert code == 0, err
+    alone = json.loads((tmp_path / "alone" / "summary.json").read_text())
+    assert len(packed_groups) == 1  # the second run trained each model on its own
+    assert model_results(packed).keys() == model_results(alone).keys()
+    for key, value in model_results(alone).items():
+        np.testing.assert_allclose(packed[key], value, rtol=1e-4, atol=1e-7, err_msg=key)
+
+
+def test_a_rerun_of_a_packed_lambda_grid_trains_nothing(train_cli, tmp_path):
+    code, _, err = train_cli(*GRID_RUN, f"--workdir={tmp_path}")
+    assert code == 0, err
+    first = (tmp_path / "summary.json").read_text()
+    checkpoints = sorted(p.relative_to(tmp_path) for p in (tmp_path / "checkpoints").rglob("*"))
+    code, _, err = train_cli(*GRID_RUN, f"--workdir={tmp_path}")
+    assert code == 0, err
+    assert (tmp_path / "summary.json").read_text() == first  # the same numbers, timings too
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "checkpoints").rglob("*")) == (
+        checkpoints
+    )
+
+
+def test_a_diverging_lambda_fails_the_run_while_its_packed_neighbours_finish(train_cli, tmp_path):
+    """Weight decay 1e30 overflows Adam's second moment (every step's guard passes; the
+    host check before a checkpoint catches it): that model stops, the others train on,
+    and its own fit then fails the run as it would have alone."""
+    code, out, err = train_cli(
+        "--task=linear_ae", "--num_train=500", "--steps=60", "--eval_every=20",
+        "--lambda_grid=0.01,1e30", f"--workdir={tmp_path}",
+    )  # fmt: skip
+    assert code == 1
+    assert "lambda_1e+30's parameters or optimizer state are non-finite" in out
+    assert "non-finite parameters or optimizer state" in err
+    assert (tmp_path / "checkpoints" / "lambda_0.01" / "60").is_dir()
+    assert not (tmp_path / "checkpoints" / "lambda_1e+30" / "60").exists()
+    assert not (tmp_path / "summary.json").exists()

@@ -625,6 +625,12 @@ def run_chunks(
     return state, step
 
 
+def model_metrics(model: str | None, metrics: dict[str, float]) -> dict[str, float]:
+    """A run's metrics as logged for one of its models: `<model>/<metric>` (one series
+    per model in TensorBoard and W&B), or unchanged for a run's only model."""
+    return metrics if model is None else {f"{model}/{k}": v for k, v in metrics.items()}
+
+
 def fit(
     cfg: TrainConfig,
     problem: Problem,
@@ -686,9 +692,7 @@ def fit(
     segment = _Segment(spent)
 
     def log(at_step: int, metrics: dict[str, float]) -> None:
-        run.log(
-            at_step, metrics if model is None else {f"{model}/{k}": v for k, v in metrics.items()}
-        )
+        run.log(at_step, model_metrics(model, metrics))
 
     # What the newest checkpoint records; the summary reports the same numbers, so a
     # rerun of a finished command (which trains nothing) reproduces them exactly.

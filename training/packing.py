@@ -70,6 +70,7 @@ from training.loop import (
     init_replicas,
     jitted_eval,
     make_train_step,
+    model_metrics,
     non_finite_replicas,
     run_chunks,
     scan_steps,
@@ -107,9 +108,15 @@ def group_key(task: str, module: ModuleType, cfg) -> str | None:
     if not packable or (hasattr(module, "packs") and not module.packs(cfg)):
         return None
     ignored = module.ignored_options(cfg) if hasattr(module, "ignored_options") else set()
-    key = {k: v for k, v in to_dict(cfg).items() if k not in packable and k not in ignored}
+    return json.dumps([task, _structure(cfg, {*packable, *ignored})], sort_keys=True, default=str)
+
+
+def _structure(cfg, packable: set[str]) -> dict:
+    """What must be equal for configs to pack: every option but `packable`, and whether
+    weight decay is on (the optimizer chain's structure, hence the checkpoint's)."""
+    key = {k: v for k, v in to_dict(cfg).items() if k not in packable}
     key["weight_decay_on"] = cfg.weight_decay > 0
-    return json.dumps([task, key], sort_keys=True, default=str)
+    return key
 
 
 @dataclasses.dataclass
@@ -119,7 +126,13 @@ class Member:
     cfg: TrainConfig
     problem: Problem
     run: Run
+    model: str | None = None  # one of the run's several models (fit's `model`)
     diverged_at: int | None = None  # first non-finite step, once seen
+
+    @property
+    def name(self) -> str:
+        """How notes name it: the model of a run's several, else the trial's workdir."""
+        return self.model or self.run.workdir.name
 
 
 def _same_arrays(a: Any, b: Any) -> bool:
@@ -190,7 +203,7 @@ def fit_packed(
     graphdef, state = init_replicas(problem, tx, seeds, replicated=True, hp=hp)
     # best parameters per replica, and each trial's early stop (per trial, as alone)
     selector = _Selector(problem, state.params, len(seeds)) if problem.select_metric else None
-    stores = [Checkpoints(checkpoints_dir(m.run.workdir), keep=m.cfg.keep_checkpoints)
+    stores = [Checkpoints(checkpoints_dir(m.run.workdir, m.model), keep=m.cfg.keep_checkpoints)
               for m in members]  # fmt: skip
     closed: set[int] = set()
 
@@ -210,6 +223,35 @@ def fit_packed(
         for i in range(len(stores)):
             if i not in closed:
                 close(i)
+
+
+def fit_models_packed(run: Run, models: list[tuple[TrainConfig, Problem, str | None]]) -> None:
+    """Train a run's several models (`fit`'s `model`, e.g. one per weight decay) packed,
+    ahead of the task's own `fit` of each, which then resumes from the model's final
+    checkpoint and trains nothing (as a packed trial's own run does).
+
+    Models whose configs differ only in seed, learning rate and weight decay train as
+    replicas of one program (up to MAX_REPLICAS replicas), each model's checkpoints and
+    series written where its own `fit` would write them. A model without a partner,
+    models that cannot pack (said in one line) and a run on several devices (`fit`
+    splits its batch over them; packing does not) are left to their own `fit`."""
+    if jax.device_count() > 1:
+        return
+    groups: dict[str, list[Member]] = {}
+    for cfg, problem, model in models:
+        key = json.dumps(_structure(cfg, set(GENERIC_PACKABLE)), sort_keys=True, default=str)
+        groups.setdefault(key, []).append(Member(cfg, problem, run, model))
+    for group in groups.values():
+        limit = max(1, MAX_REPLICAS // group[0].cfg.num_seeds)
+        for start in range(0, len(group), limit):
+            part = group[start : start + limit]
+            if len(part) < 2:
+                continue
+            try:
+                fit_packed(part, desc=f"{run.task} x{len(part)}")
+            except PackingUnavailable as err:
+                names = ", ".join(m.name for m in part)
+                print(f"note: {names} not packed ({err}); each trains alone", flush=True)
 
 
 def _resume(members, stores, state: TrainState, selector: _Selector | None, seeds_per: int):
@@ -303,7 +345,7 @@ def _train(members, stores, graphdef, state, selector, tx, hp, seeds, desc, trai
             if (bad[i] >= 0).any():
                 members[i].diverged_at = int(bad[i][bad[i] >= 0].min())
                 print(
-                    f"note: {members[i].run.workdir.name} went non-finite at step "
+                    f"note: {members[i].name} went non-finite at step "
                     f"{members[i].diverged_at}; stopped it (last checkpoint: step "
                     f"{last_saved[i]}); the other packed trials go on",
                     flush=True,
@@ -314,8 +356,8 @@ def _train(members, stores, graphdef, state, selector, tx, hp, seeds, desc, trai
 
     def log(at_step: int, host: dict[str, np.ndarray], rate: float) -> None:
         for i in alive():
-            view = _scalar_view(metrics_of(host, i), "train_")
-            members[i].run.log(at_step, dict(view, steps_per_second=rate))
+            view = dict(_scalar_view(metrics_of(host, i), "train_"), steps_per_second=rate)
+            members[i].run.log(at_step, model_metrics(members[i].model, view))
 
     def evaluate_at(at_step: int, state: TrainState) -> None:
         assert evaluate is not None
@@ -324,7 +366,8 @@ def _train(members, stores, graphdef, state, selector, tx, hp, seeds, desc, trai
         for i in alive():
             mine = metrics_of(ev, i)
             histories[i].append(dict(step=at_step, **{k: v.tolist() for k, v in mine.items()}))
-            members[i].run.log(at_step, _scalar_view(mine, "eval_"))
+            view = _scalar_view(mine, "eval_")
+            members[i].run.log(at_step, model_metrics(members[i].model, view))
         if selector is not None:
             selector.update(at_step, ev, state.params)
             stopping.update(stopped_members())
@@ -364,7 +407,7 @@ def _train(members, stores, graphdef, state, selector, tx, hp, seeds, desc, trai
         best = None if host_best is None else _member_slice(host_best, i, seeds_per)
         if non_finite_replicas(mine):
             m.diverged_at = at_step
-            print(f"note: {m.run.workdir.name}'s parameters or optimizer state are non-finite "
+            print(f"note: {m.name}'s parameters or optimizer state are non-finite "
                   f"by step {at_step}; stopped it (last checkpoint: step {last_saved[i]}); "
                   "the other packed trials go on", flush=True)  # fmt: skip
             return False
@@ -393,7 +436,7 @@ def _train(members, stores, graphdef, state, selector, tx, hp, seeds, desc, trai
         compiled=add_compile_time,
     )
     for i in stopped_members():  # resumed after they stopped early: nothing to train
-        print(f"note: {members[i].run.workdir.name} stopped early before; not trained on",
+        print(f"note: {members[i].name} stopped early before; not trained on",
               flush=True)  # fmt: skip
         finish(i)
     try:
