@@ -215,9 +215,11 @@ def imbalance_decay(history: list) -> float | None:
     return float(np.polyfit(steps[keep], np.log(values[keep]), 1)[0])
 
 
-def train_one(cfg: Config, run: Run, x_centred, spec, model: str | None) -> tuple[dict, list]:
+def train_one(
+    cfg: Config, run: Run, problem: Problem, spec: Spectrum, model: str | None
+) -> tuple[dict, list]:
     """(analysis of replica 0 plus the loop's timings, evaluation history)."""
-    result = fit(cfg, make_problem(cfg, x_centred, spec), run, model=model)
+    result = fit(cfg, problem, run, model=model)
     model = result.model()
     w1, w2 = (np.asarray(p[...], np.float64) for p in (model.w1, model.w2))
     history = [_replica0(h) for h in result.history]
@@ -286,14 +288,15 @@ def run(cfg: Config, run: Run) -> dict:
     # the run's models, each trained as a config without a grid: its own at
     # --weight_decay, then one per --lambda_grid value (a value given twice is one model)
     lambdas = list(dict.fromkeys(cfg.lambda_grid))
-    models = [(dataclasses.replace(cfg, lambda_grid=()), None)] + [
-        (dataclasses.replace(cfg, weight_decay=lam, lambda_grid=()), f"lambda_{lam:g}")
-        for lam in lambdas
+    configs = [dataclasses.replace(cfg, lambda_grid=())] + [
+        dataclasses.replace(cfg, weight_decay=lam, lambda_grid=()) for lam in lambdas
     ]
+    names = [None] + [f"lambda_{lam:g}" for lam in lambdas]
+    problems = [make_problem(c, x_centred, spec) for c in configs]
     # trained as replicas of one program where their optimizers match; each train_one
     # below then resumes from its model's final checkpoint
-    fit_models_packed(run, [(c, make_problem(c, x_centred, spec), m) for c, m in models])
-    summary, history = train_one(cfg, run, x_centred, spec, None)
+    fit_models_packed(run, list(zip(configs, problems, names, strict=True)))
+    summary, history = train_one(cfg, run, problems[0], spec, None)
     print(
         f"subspace distance {summary['subspace_distance']:.2e} "
         f"({summary['subspace_angle_degrees']:.3f} deg); recon {summary['recon_mse']:.6f} vs PCA "
@@ -302,8 +305,9 @@ def run(cfg: Config, run: Run) -> dict:
     if cfg.weight_decay > 0:
         print(f"largest gap to sqrt(1 - lambda/s_i^2): {summary['singular_value_gap']:.2e}")
     grid = {}
-    for lam, (lam_cfg, model) in zip(lambdas, models[1:], strict=True):
-        grid[lam], _ = train_one(lam_cfg, run, x_centred, spec, model)
+    for lam, lam_cfg, problem, model in zip(lambdas, configs[1:], problems[1:], names[1:],
+                                            strict=True):  # fmt: skip
+        grid[lam], _ = train_one(lam_cfg, run, problem, spec, model)
         summary.update({f"{model}_{k}": v for k, v in grid[lam].items()})
     plot_training(cfg, run, history)
     plot_singular_values(cfg, run, spec, {cfg.weight_decay: summary, **grid})
