@@ -160,12 +160,31 @@ def prefer_own_trials(pending: list[Trial], trained_by: dict[str, int], slot: in
     pending.insert(0, pending.pop(first))
 
 
+# numpy's BLAS thread-count variables (OpenBLAS, MKL, and OpenMP builds of either).
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def worker_env(workers: int) -> dict[str, str]:
     """The environment of a study's worker process, one of `workers`."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if workers > 1:
+        # numpy's BLAS starts a thread per CPU in every process, and its threads spin
+        # while they wait: beside another busy worker, a matrix product then takes
+        # 2.5x its time (the synthetic data, PCA, the evaluations' SVDs). Each worker
+        # gets its share of the CPUs instead (a user's own settings are kept):
+        # 14% less wall time for the 16-lambda grid on 2 workers (BENCHMARKS.md).
+        share = str(max(1, usable_cpus() // workers))
+        for name in BLAS_THREAD_VARIABLES:
+            env.setdefault(name, share)
         # JAX takes 75% of a GPU's memory when it starts: a second worker on the same
         # GPU would find too little left. Workers allocate what they use instead (a
         # user's own setting is kept). No effect on the CPU.

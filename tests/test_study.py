@@ -569,6 +569,22 @@ def test_workers_that_share_a_device_allocate_its_memory_as_they_use_it(monkeypa
     assert study.worker_env(2)["PYTHONPATH"].split(os.pathsep)[0] == str(study.REPO)
 
 
+def test_workers_side_by_side_share_the_cpus_among_their_blas_threads(monkeypatch):
+    """numpy's BLAS threads spin while they wait: W workers each get their share of the
+    CPUs (at least one thread); one worker, or a user's own setting, is left alone."""
+    from experiment import study
+
+    for name in study.BLAS_THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(study, "usable_cpus", lambda: 16)
+    assert all(study.worker_env(4)[name] == "4" for name in study.BLAS_THREAD_VARIABLES)
+    assert study.worker_env(32)["OPENBLAS_NUM_THREADS"] == "1"
+    assert not any(name in study.worker_env(1) for name in study.BLAS_THREAD_VARIABLES)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert study.worker_env(2)["OMP_NUM_THREADS"] == "3"
+    assert study.worker_env(2)["OPENBLAS_NUM_THREADS"] == "8"
+
+
 def test_a_worker_finishes_the_trials_it_trained_then_takes_new_work():
     """Order of preference for an idle worker: trials it trained packed (its programs
     are compiled), then trials not trained yet, then trials another worker trained."""
