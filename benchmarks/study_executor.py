@@ -192,7 +192,9 @@ def main() -> None:
                         "report each mode's median round (the shared machine drifts)")  # fmt: skip
     args = parser.parse_args()
     threads = os.environ.get("XLA_FLAGS", "default XLA threads")
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, {threads}")
+    # with --workers > 1 each worker's BLAS gets its share unless set here
+    blas = os.environ.get("OPENBLAS_NUM_THREADS", "BLAS threads: CPUs / workers in packed-2w")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, {threads}, {blas}")
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.grids.split(","):
             torch_ok = name == "rnn_activation" and TORCH_PYTHON.exists()
