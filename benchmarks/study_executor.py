@@ -192,8 +192,10 @@ def main() -> None:
                         "report each mode's median round (the shared machine drifts)")  # fmt: skip
     args = parser.parse_args()
     threads = os.environ.get("XLA_FLAGS", "default XLA threads")
-    # with --workers > 1 each worker's BLAS gets its share unless set here
+    # with --workers > 1 each worker runs on its share of the CPUs, and its BLAS starts
+    # as many threads unless set here
     blas = os.environ.get("OPENBLAS_NUM_THREADS", "BLAS threads: CPUs / workers in packed-2w")
+    blas += ", each packed-2w worker on its own CPUs"
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, {threads}, {blas}")
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.grids.split(","):

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from experiment.config import build_config, tokenize
 from experiment.errors import UsageError
-from experiment.worker import PARENT_ENV
+from experiment.worker import CPUS_ENV, PARENT_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 TRIAL_LOG = "trial.log"
@@ -164,27 +164,42 @@ def prefer_own_trials(pending: list[Trial], trained_by: dict[str, int], slot: in
 BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
 
 
-def usable_cpus() -> int:
+def usable_cpus() -> list[int]:
     """The CPUs this process may run on (its affinity mask where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
 
 
-def worker_env(workers: int) -> dict[str, str]:
-    """The environment of a study's worker process, one of `workers`."""
+def worker_cpus(index: int, workers: int) -> list[int]:
+    """The CPUs worker `index` of `workers` runs on: W workers split the usable CPUs into
+    W contiguous parts (their sizes differ by one at most); with more workers than
+    CPUs, the workers take the CPUs in turn."""
+    cpus = usable_cpus()
+    if workers >= len(cpus):
+        return [cpus[index % len(cpus)]]
+    return cpus[index * len(cpus) // workers : (index + 1) * len(cpus) // workers]
+
+
+def worker_env(index: int, workers: int) -> dict[str, str]:
+    """The environment of a study's worker process `index`, one of `workers`."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.pop(CPUS_ENV, None)
     if workers > 1:
+        cpus = worker_cpus(index, workers)
+        # Each worker runs on its own CPUs (experiment.worker sets its affinity first
+        # thing): side by side, workers the scheduler may move between the CPUs took
+        # 15% more wall time for the 16-lambda grid on 2 workers (BENCHMARKS.md).
+        env[CPUS_ENV] = ",".join(map(str, cpus))
         # numpy's BLAS starts a thread per CPU in every process, and its threads spin
         # while they wait: beside another busy worker, a matrix product then takes
         # 2.5x its time (the synthetic data, PCA, the evaluations' SVDs). Each worker
-        # gets its share of the CPUs instead (a user's own settings are kept):
-        # 14% less wall time for the 16-lambda grid on 2 workers (BENCHMARKS.md).
-        share = str(max(1, usable_cpus() // workers))
+        # starts as many as its CPUs instead (a user's own settings are kept): 14%
+        # less wall time for the 16-lambda grid on 2 workers (BENCHMARKS.md).
         for name in BLAS_THREAD_VARIABLES:
-            env.setdefault(name, share)
+            env.setdefault(name, str(len(cpus)))
         # JAX takes 75% of a GPU's memory when it starts: a second worker on the same
         # GPU would find too little left. Workers allocate what they use instead (a
         # user's own setting is kept). No effect on the CPU.
@@ -196,7 +211,7 @@ class Worker:
     """One experiment.worker process and the job it is running."""
 
     def __init__(self, index: int, events: queue.Queue, cwd: Path, log: Path, workers: int = 1):
-        env = worker_env(workers)
+        env = worker_env(index, workers)
         env[PARENT_ENV] = str(os.getpid())  # the worker ends when this process does
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as err:  # the child keeps its own descriptor

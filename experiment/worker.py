@@ -29,6 +29,8 @@ from experiment import interrupt
 
 # The study process's PID (set by experiment.study): the worker ends when it does.
 PARENT_ENV = "RNNAE_STUDY_PID"
+# The CPUs this worker runs on, e.g. "0" or "4,5,6,7" (set by experiment.study).
+CPUS_ENV = "RNNAE_WORKER_CPUS"
 # Exit codes after which the worker stops instead of taking the next trial.
 STOP_CODES = frozenset({130, 143})
 
@@ -188,6 +190,16 @@ def die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def pin_to_cpus(cpus: str | None) -> None:
+    """Run on the CPUs listed in `cpus` ("0,1"), set before any thread starts so that
+    every thread (XLA's, BLAS's) inherits them. Nothing happens without a list, where
+    the OS cannot pin (not Linux), or for a list it refuses (CPUs no longer there)."""
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        return
+    with contextlib.suppress(OSError, ValueError):
+        os.sched_setaffinity(0, {int(cpu) for cpu in cpus.split(",")})
+
+
 def warm_up() -> None:
     """Import what every trial uses and start JAX's runtime, before the first job: a
     worker started beside a busy one pays this (about 2 s) while it waits, not when
@@ -207,6 +219,7 @@ def warm_up() -> None:
 
 
 def main() -> int:
+    pin_to_cpus(os.environ.get(CPUS_ENV))  # first: the threads started later inherit it
     from experiment import faults
 
     parent = os.environ.get(PARENT_ENV)

@@ -562,11 +562,11 @@ def test_workers_that_share_a_device_allocate_its_memory_as_they_use_it(monkeypa
     from experiment import study
 
     monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
-    assert study.worker_env(2)["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
-    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in study.worker_env(1)
+    assert study.worker_env(0, 2)["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in study.worker_env(0, 1)
     monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
-    assert study.worker_env(2)["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
-    assert study.worker_env(2)["PYTHONPATH"].split(os.pathsep)[0] == str(study.REPO)
+    assert study.worker_env(1, 2)["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
+    assert study.worker_env(0, 2)["PYTHONPATH"].split(os.pathsep)[0] == str(study.REPO)
 
 
 def test_workers_side_by_side_share_the_cpus_among_their_blas_threads(monkeypatch):
@@ -576,13 +576,68 @@ def test_workers_side_by_side_share_the_cpus_among_their_blas_threads(monkeypatc
 
     for name in study.BLAS_THREAD_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(study, "usable_cpus", lambda: 16)
-    assert all(study.worker_env(4)[name] == "4" for name in study.BLAS_THREAD_VARIABLES)
-    assert study.worker_env(32)["OPENBLAS_NUM_THREADS"] == "1"
-    assert not any(name in study.worker_env(1) for name in study.BLAS_THREAD_VARIABLES)
+    monkeypatch.setattr(study, "usable_cpus", lambda: list(range(16)))
+    assert all(study.worker_env(3, 4)[name] == "4" for name in study.BLAS_THREAD_VARIABLES)
+    assert study.worker_env(31, 32)["OPENBLAS_NUM_THREADS"] == "1"
+    assert [study.worker_env(i, 3)["MKL_NUM_THREADS"] for i in range(3)] == ["5", "5", "6"]
+    assert not any(name in study.worker_env(0, 1) for name in study.BLAS_THREAD_VARIABLES)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert study.worker_env(2)["OMP_NUM_THREADS"] == "3"
-    assert study.worker_env(2)["OPENBLAS_NUM_THREADS"] == "8"
+    assert study.worker_env(0, 2)["OMP_NUM_THREADS"] == "3"
+    assert study.worker_env(0, 2)["OPENBLAS_NUM_THREADS"] == "8"
+
+
+def test_workers_side_by_side_each_run_on_their_own_cpus(monkeypatch):
+    """W workers split the study's CPUs (its affinity mask, e.g. under taskset) into W
+    contiguous parts that cover them all; more workers than CPUs take them in turn;
+    one worker is not pinned (it may use every CPU)."""
+    from experiment import study
+    from experiment.worker import CPUS_ENV
+
+    monkeypatch.setattr(study, "usable_cpus", lambda: [2, 3, 5, 7, 11])
+    parts = [study.worker_cpus(i, 2) for i in range(2)]
+    assert parts == [[2, 3], [5, 7, 11]]
+    assert [study.worker_cpus(i, 5) for i in range(5)] == [[2], [3], [5], [7], [11]]
+    assert [study.worker_cpus(i, 7) for i in range(7)] == [[2], [3], [5], [7], [11], [2], [3]]
+    assert study.worker_env(1, 2)[CPUS_ENV] == "5,7,11"
+    monkeypatch.setenv(CPUS_ENV, "0")  # e.g. a study started from inside a worker
+    assert CPUS_ENV not in study.worker_env(0, 1)
+
+
+PRINT_AFFINITY = (
+    "import os, sys; from experiment import worker; worker.pin_to_cpus(sys.argv[1] or None); "
+    "print(sorted(os.sched_getaffinity(0)))"
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_a_worker_pins_itself_to_the_cpus_it_is_given(tmp_path):
+    """experiment.worker sets its affinity from RNNAE_WORKER_CPUS first thing (its threads
+    inherit it); a list the OS refuses, or none, leaves it as it was. A study's second
+    of two workers runs on its share."""
+    import queue
+
+    from experiment import study
+
+    mine = sorted(os.sched_getaffinity(0))
+
+    def affinity(cpus: str) -> list[int]:
+        command = [sys.executable, "-c", PRINT_AFFINITY, cpus]
+        out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO)
+        return json.loads(out.stdout)
+
+    assert affinity(str(mine[-1])) == [mine[-1]]
+    assert affinity("") == mine
+    assert affinity("100000") == mine  # not a CPU of this machine: refused, left alone
+    assert affinity("zero") == mine
+
+    worker = study.Worker(1, queue.Queue(), tmp_path, tmp_path / "workers.log", workers=2)
+    try:
+        deadline = time.monotonic() + 60
+        while sorted(os.sched_getaffinity(worker.proc.pid)) != study.worker_cpus(1, 2):
+            assert time.monotonic() < deadline, "the worker did not pin itself"
+            time.sleep(0.05)
+    finally:
+        worker.close()
 
 
 def test_a_worker_finishes_the_trials_it_trained_then_takes_new_work():
