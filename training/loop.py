@@ -49,6 +49,7 @@ from experiment.workdir import BEST_DIR, checkpoints_dir
 from models.replicas import replica_axis
 from training import memory, sharding
 from training.checkpoints import Checkpoints, has_steps
+from training.compile_options import rarely_run
 from training.config import TrainConfig
 from training.optim import make_optimizer
 from training.progress import Progress
@@ -246,9 +247,10 @@ def init_replicas(
     )
     if lowered is None:
         return graphdef, shapes
-    # Runs once: cheap XLA optimisation cuts its compile time by a third.
-    options = {"xla_backend_optimization_level": 0}
-    return graphdef, lowered.compile(options)(*args)  # type: ignore[arg-type]
+    # Runs once: cheap XLA optimisation cuts its compile time by a third, and without
+    # the fusion emitters by another third (training.compile_options)
+    options = rarely_run(xla_backend_optimization_level=0)
+    return graphdef, lowered.compile(options)(*args)
 
 
 def initial_model(problem: Problem, cfg: TrainConfig) -> nnx.Module:
@@ -452,7 +454,10 @@ def _build_eval(graphdef, eval_fn, in_axes):
     def evaluate(params, data, *hp):
         return eval_fn(nnx.merge(graphdef, params), data, *hp)
 
-    return jax.jit(evaluate if in_axes is None else jax.vmap(evaluate, in_axes=in_axes))
+    # runs at each evaluation boundary: compiled for a rarely run program
+    # (training.compile_options)
+    program = evaluate if in_axes is None else jax.vmap(evaluate, in_axes=in_axes)
+    return jax.jit(program, compiler_options=rarely_run())
 
 
 # A study's worker runs a few model structures; each entry is one jitted function.

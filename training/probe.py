@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from training.compile_options import rarely_run
+
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2)
 VALIDATION_FRACTION, VALIDATION_SEED = 0.1, 0
 
@@ -40,7 +42,6 @@ def standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nda
     return (train - mean) / std, (test - mean) / std
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5))
 def _fit_softmax(features, labels, weights, l2, num_classes: int, iterations: int):
     """Weights and bias minimising the weighted mean CE + l2 ||W||^2, by L-BFGS.
 
@@ -71,6 +72,13 @@ def _fit_softmax(features, labels, weights, l2, num_classes: int, iterations: in
     return params, values[-1]
 
 
+@functools.cache
+def _fit_program():
+    """_fit_softmax, jitted (num_classes and iterations static) as a rarely run program
+    (training.compile_options): a probe's few fits share it."""
+    return jax.jit(_fit_softmax, static_argnums=(4, 5), compiler_options=rarely_run())
+
+
 def _accuracy(params, features, labels) -> jax.Array:
     predictions = jnp.argmax(features @ params["w"] + params["b"], axis=-1)
     return jnp.mean(predictions == labels, axis=-1)
@@ -85,7 +93,7 @@ def select_l2(features: np.ndarray, labels: np.ndarray, num_classes: int, iterat
     x, y = jnp.asarray(features), jnp.asarray(labels)
     accuracy = []
     for l2 in L2_GRID:  # one compiled program: l2 is a traced argument
-        params, _ = _fit_softmax(
+        params, _ = _fit_program()(
             x, y, jnp.asarray(weights), jnp.float32(l2), num_classes, iterations
         )
         accuracy.append(float(_accuracy(params, x[held_out], y[held_out])))
@@ -115,7 +123,7 @@ def linear_probe(
     if l2 is None:
         l2 = select_l2(train_features, train_labels, num_classes, iterations)
     weights = jnp.ones(len(train_features), jnp.float32)
-    params, loss = _fit_softmax(
+    params, loss = _fit_program()(
         jnp.asarray(train_features),
         jnp.asarray(train_labels),
         weights,
