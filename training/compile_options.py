@@ -2,10 +2,10 @@
 
 Most of a small program's compile time on the CPU goes to XLA's fusion emitters,
 which generate its fused kernels. A program that runs once (a model's
-initialisation) or a handful of times (evaluations, the probe's L-BFGS fits, a
-figure's predictions) is compiled without them: about half the compile time for
-a run time that changes by a few milliseconds either way (BENCHMARKS.md, "Whole
-studies"). Compilation is about 40% of `report.py --quick`.
+initialisation) or a handful of times (evaluations, the probe's L-BFGS fits) is
+compiled without them: about half the compile time for a run time that changes
+by a few milliseconds either way (BENCHMARKS.md, "Whole studies"). Compilation
+is about 40% of `report.py --quick`.
 
 A train chunk runs thousands of steps and keeps XLA's defaults: without the
 emitters the 2-layer RNN's chunk took four times as long to compile.
