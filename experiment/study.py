@@ -190,8 +190,8 @@ def worker_env(index: int, workers: int) -> dict[str, str]:
     if workers > 1:
         cpus = worker_cpus(index, workers)
         # Each worker runs on its own CPUs (experiment.worker sets its affinity first
-        # thing): side by side, workers the scheduler may move between the CPUs took
-        # 15% more wall time for the 16-lambda grid on 2 workers (BENCHMARKS.md).
+        # thing): pinned, 2 workers side by side took 16% less wall time for the
+        # 16-lambda grid than when the scheduler could move them (BENCHMARKS.md).
         env[CPUS_ENV] = ",".join(map(str, cpus))
         # numpy's BLAS starts a thread per CPU in every process, and its threads spin
         # while they wait: beside another busy worker, a matrix product then takes

@@ -220,19 +220,31 @@ def test_a_run_evaluates_its_held_out_and_training_sets_with_one_chunk_shape():
     assert held_out["loss"] != train["loss"]
 
 
-def test_rarely_run_programs_compile_faster_and_compute_the_same():
+def test_rarely_run_programs_get_their_compile_options_and_compute_the_same(monkeypatch):
     """Initialisation, evaluation and the probe's fits compile as rarely run programs
     (training.compile_options: on the CPU without XLA's fusion emitters, about half
     the compile time); the probe's program gives what the same fit compiled with
     XLA's defaults gives. (The evaluation's equality to the plain eval_fn is checked
     in test_evaluation_of_one_model_structure_compiles_once_for_every_run.)"""
-    from training import probe
+    from training import compile_options, loop, probe
     from training.compile_options import rarely_run
 
     options = rarely_run(xla_backend_optimization_level=0)
     assert options["xla_backend_optimization_level"] == 0
     if jax.default_backend() == "cpu":
         assert options["xla_cpu_use_fusion_emitters"] is False
+    # the initialisation and a fresh evaluation ask for the options
+    asked: list[dict] = []
+
+    def spy(**extra):
+        asked.append(compile_options.rarely_run(**extra))
+        return asked[-1]
+
+    monkeypatch.setattr(loop, "rarely_run", spy)
+    problem, _, _ = tiny_problem()
+    graphdef = loop.abstract_graphdef(problem.make_model)
+    loop._build_eval(graphdef, lambda model, data: {"n": data["x"].shape[0]}, None)
+    assert [a.get("xla_backend_optimization_level") for a in asked] == [0, None]
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((300, 12)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 3, 300))
