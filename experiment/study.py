@@ -9,7 +9,9 @@ they can share one compiled program. Used by sweep.py and report.py.
 * Packing: pending trials with the same `training.packing.group_key` (configs that
   differ only in seed, learning rate, weight decay or a task's PACKABLE options) go
   to one worker as one job and train as replicas of one program; each trial's own
-  run (summary, figures) then finishes as a job of its own on any idle worker.
+  run (summary, figures) then finishes as a job of its own on any idle worker. The
+  keys are worked out by an idle worker (which has the tasks imported), so this
+  process never imports JAX or the tasks.
 * Every trial is still a complete run of its own (train.py's workdir, summary,
   figures, TensorBoard and W&B runs, checkpoints), with its output in
   WORKDIR/trial.log.
@@ -114,6 +116,11 @@ def group_key(trial: Trial) -> str | None:
     return key_of(trial.task, module, cfg)
 
 
+def task_loaded_here(task: str) -> bool:
+    """Whether this process has loaded the task's module (and with it JAX)."""
+    return f"tasks.{task}" in sys.modules
+
+
 def take_job(
     pending: list[Trial],
     pack: bool,
@@ -122,7 +129,7 @@ def take_job(
     idle: int = 1,
 ) -> list[Trial]:
     """The next job: the first pending trial and, when packing, every pending trial of its
-    group (up to training.packing.MAX_REPLICAS replicas). Trials in `trained` (their
+    group (up to training.config.MAX_REPLICAS replicas). Trials in `trained` (their
     packed training is done) run alone: their run only finishes. `key_of`: group_key,
     or a memo of it (a trial's key is asked for at every job while it waits).
 
@@ -130,7 +137,7 @@ def take_job(
     pending, it is shared out among them (e.g. a grid of one group on 2 workers: two
     packed programs of half the trials each, side by side), instead of one worker
     training it while the others wait for its trials' runs."""
-    from training.packing import MAX_REPLICAS
+    from training.config import MAX_REPLICAS
 
     first = pending.pop(0)
     key = key_of(first) if pack and first.id not in trained else None
@@ -249,6 +256,14 @@ class Worker:
         self.proc.stdin.write(json.dumps(payload) + "\n")
         self.proc.stdin.flush()
 
+    def ask_keys(self, trials: list[Trial]) -> None:
+        """Ask for these trials' packing keys: the answer comes back as an event
+        {"keys": {id: key}} (experiment.worker.answer_keys)."""
+        assert self.proc.stdin is not None
+        payload = [dict(id=t.id, task=t.task, options=t.options) for t in trials]
+        self.proc.stdin.write(json.dumps({"keys": payload}) + "\n")
+        self.proc.stdin.flush()
+
     def death_cause(self) -> tuple[int, str]:
         code = self.proc.wait()
         if code < 0:
@@ -298,12 +313,31 @@ def run_trials(
     trained: set[str] = set()  # trained packed; their own runs still to finish
     trained_by: dict[str, int] = {}  # the worker slot that trained them
     keys: dict[str, str | None] = {}
+    asked: dict[str, int] = {}  # trial id -> the worker slot working out its key
     started: set[int] = set()  # worker slots started at least once
 
     def key_of(trial: Trial) -> str | None:
-        if trial.id not in keys:
+        if trial.id not in keys:  # no worker could be asked: worked out here
             keys[trial.id] = group_key(trial)
         return keys[trial.id]
+
+    def awaiting_keys() -> bool:
+        """Whether the pending trials' packing keys are still being worked out. A trial
+        whose task this process has loaded (sweep.py and report.py load them to check
+        their configs) is keyed here; the others are asked of an idle worker, which
+        has JAX and the training code loaded: loading the tasks here would cost about
+        2 s of CPU beside the workers' own start (BENCHMARKS.md)."""
+        missing = [t for t in pending if t.id not in keys and t.id not in trained]
+        for trial in missing:
+            if task_loaded_here(trial.task) and trial.id not in asked:
+                key_of(trial)
+        missing = [t for t in missing if t.id not in keys]
+        new = [t for t in missing if t.id not in asked]
+        helper = next((w for w in pool if w is not None and not w.running), None)
+        if new and helper is not None:
+            helper.ask_keys(new)
+            asked.update((t.id, helper.index) for t in new)
+        return any(t.id in asked for t in missing)
 
     exhausted = False
     cwd = Path.cwd()
@@ -320,15 +354,16 @@ def run_trials(
         start_new_slots(expected)
         while True:
             idle = [i for i, w in enumerate(pool) if w is None or not w.running]
+            grouping = False  # the pending trials' keys are being worked out
             for i in idle:
                 if not pending and not exhausted:
                     pending += more(len(idle))
                     exhausted = not pending
-                    # the workers this work can use start before it is grouped: their
-                    # imports and JAX start overlap this process's (group_key loads
-                    # the tasks), about 2 s on the 2-core CPU
+                    # the workers this work can use start now: the first idle one
+                    # works out how it groups (awaiting_keys) once it is warm
                     start_new_slots(len(pending))
-                if not pending:
+                grouping = pack and bool(pending) and awaiting_keys()
+                if not pending or grouping:
                     break
                 prefer_own_trials(pending, trained_by, i)
                 job = take_job(pending, pack, trained, key_of, idle=len(idle) - idle.index(i))
@@ -343,20 +378,28 @@ def run_trials(
             # their own): start the other workers now, so their imports and JAX start
             # overlap the training (once per slot: one that dies idle is not restarted)
             busy = [w for w in pool if w is not None and w.running]
-            if sum(len(w.running) for w in busy) + len(pending) > len(busy):
+            if not grouping and sum(len(w.running) for w in busy) + len(pending) > len(busy):
                 start_new_slots(workers)
-            if not any(w is not None and w.running for w in pool):
+            if not any(w is not None and w.running for w in pool) and not grouping:
                 if pending or not exhausted:
                     continue
                 break
             worker, message = events.get()
             if message is None:  # the worker is gone: its unfinished trials failed
+                # keys it was asked for: asked again of another worker, or worked out here
+                for trial_id in [k for k, slot in asked.items() if slot == worker.index]:
+                    del asked[trial_id]
                 code, cause = worker.death_cause()
                 for trial in list(worker.running.values()):
                     on_result(Result(trial, code, cause))
                 worker.running.clear()
                 worker.close()
                 pool[worker.index] = None
+                continue
+            if "keys" in message:
+                keys.update(message["keys"])
+                for trial_id in message["keys"]:
+                    asked.pop(trial_id, None)
                 continue
             if "packed" in message:  # their runs finish next, on any idle worker
                 done = [worker.running.pop(i) for i in message["packed"] if i in worker.running]

@@ -233,9 +233,31 @@ def main() -> int:
     for line in sys.stdin:
         if not line.strip():
             continue
-        if not run_job(json.loads(line), results):
+        request = json.loads(line)
+        if isinstance(request, dict) and "keys" in request:
+            answer_keys(request["keys"], results)
+        elif not run_job(request, results):
             return 0
     return 0
+
+
+def answer_keys(trials: list[dict], results) -> None:
+    """{"keys": {id: packing key or null}} for the study's trials (experiment.study).
+    A trial whose key cannot be worked out (a bug, a task that fails to import) gets
+    null: it runs alone, and its own run reports the error."""
+    from pathlib import Path
+
+    from experiment.study import Trial, group_key
+
+    keys = {}
+    for t in trials:
+        try:
+            keys[t["id"]] = group_key(Trial(t["id"], t["task"], t["options"], Path()))
+        except Exception:
+            traceback.print_exc()  # to the worker's log
+            keys[t["id"]] = None
+    results.write(json.dumps({"keys": keys}) + "\n")
+    results.flush()
 
 
 if __name__ == "__main__":

@@ -497,6 +497,12 @@ class ScriptedWorker:
             timer.daemon = True
             timer.start()
 
+    def ask_keys(self, trials):
+        """Answered at once, as a real worker answers once warm."""
+        from experiment import study
+
+        self.events.put((self, {"keys": {t.id: study.group_key(t) for t in trials}}))
+
     def death_cause(self):
         return 1, "its worker process exited with code 1"
 
@@ -719,3 +725,78 @@ def test_workers_the_caller_expects_start_before_the_first_trials_are_asked_for(
                      on_result=lambda result: None, worker_log=tmp_path / "w.log",
                      expected=5)  # fmt: skip
     assert asked_with[0] == [0, 1]  # up to --workers, however many are expected
+
+
+class KeylessWorker(ScriptedWorker):
+    """A ScriptedWorker that dies when asked for packing keys (the first time only)."""
+
+    deaths: ClassVar[int] = 0
+
+    def ask_keys(self, trials):
+        if KeylessWorker.deaths:
+            return super().ask_keys(trials)
+        KeylessWorker.deaths += 1
+        self.events.put((self, None))
+
+
+@pytest.mark.parametrize("worker_class", [ScriptedWorker, KeylessWorker])
+def test_trials_whose_task_is_not_loaded_here_are_grouped_by_a_worker(
+    tmp_path, monkeypatch, worker_class
+):
+    """The study process asks an idle worker for the keys of trials whose task it has
+    not loaded; if that worker dies first, they are asked again or worked out here."""
+    from experiment import study
+
+    monkeypatch.setattr(study, "Worker", worker_class)
+    monkeypatch.setattr(study, "task_loaded_here", lambda task: False)
+    ScriptedWorker.created, ScriptedWorker.held, KeylessWorker.deaths = [], [], 0
+    asked: list[list[str]] = []
+    ask_keys = worker_class.ask_keys
+    monkeypatch.setattr(worker_class, "ask_keys",
+                        lambda self, trials: (asked.append([t.id for t in trials]),
+                                              ask_keys(self, trials)))  # fmt: skip
+    trials = [study.Trial(f"t{i}", "running_average", {**tokens(RA), "seed": str(i)},
+                          tmp_path / f"t{i}") for i in range(3)]  # fmt: skip
+    queue, jobs, results = list(trials), [], []
+
+    def more(idle):
+        chosen = list(queue)
+        queue.clear()
+        return chosen
+
+    study.run_trials(more, workers=1, pack=True, on_start=jobs.append,
+                     on_result=results.append, worker_log=tmp_path / "w.log")  # fmt: skip
+    assert asked[0] == ["t0", "t1", "t2"]
+    # one packed job of the three (seeds pack), whoever worked out the keys
+    assert [[t.id for t in job] for job in jobs] == [["t0", "t1", "t2"]]
+    assert sorted((r.trial.id, r.exit_code) for r in results) == [("t0", 0), ("t1", 0), ("t2", 0)]
+
+
+def test_a_study_process_that_has_not_loaded_the_tasks_never_loads_jax(tmp_path):
+    """Two packable trials through real workers: grouped (one packed job) by a worker's
+    keys, both finish, and the study process itself never imported JAX or a task."""
+    script = f"""
+import json, sys
+from pathlib import Path
+from experiment.study import Trial, run_trials
+root = Path({str(tmp_path)!r})
+options = {tokens(RA)!r}
+queue = [Trial(f"t{{i}}", "running_average", {{**options, "seed": str(i)}}, root / f"t{{i}}")
+         for i in range(2)]
+jobs, codes = [], []
+def more(idle):
+    chosen = list(queue)
+    queue.clear()
+    return chosen
+run_trials(more, workers=1, pack=True, on_start=lambda job: jobs.append([t.id for t in job]),
+           on_result=lambda r: codes.append(r.exit_code), worker_log=root / "w.log")
+loaded = sorted(m for m in sys.modules if m == "jax" or m.startswith("tasks"))
+print(json.dumps(dict(jobs=jobs, codes=codes, loaded=loaded)))
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen == dict(jobs=[["t0", "t1"]], codes=[0, 0], loaded=[]), seen
+    for i in range(2):
+        assert (tmp_path / f"t{i}" / "summary.json").is_file()

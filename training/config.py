@@ -8,6 +8,11 @@ from typing import Literal
 from experiment.config import INT_LIMIT, Config, option
 from experiment.errors import UsageError
 
+# Most replicas in one compiled program (packed trials x seeds, training.packing); a
+# larger group is split. Here, not in training.packing, so that the study executor
+# (experiment.study) can split groups without importing JAX.
+MAX_REPLICAS = 32
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(Config):

@@ -56,7 +56,7 @@ from experiment.config import to_dict
 from experiment.run import Run
 from experiment.workdir import checkpoints_dir
 from training.checkpoints import Checkpoints
-from training.config import TrainConfig
+from training.config import MAX_REPLICAS, TrainConfig
 from training.loop import (
     LoopHooks,
     Problem,
@@ -83,8 +83,6 @@ from training.sampling import EpochSampler
 
 # Options of every training task that pack (enter the step as per-replica values).
 GENERIC_PACKABLE = ("seed", "learning_rate", "weight_decay")
-# Most replicas in one program (trials x seeds); a larger group is split.
-MAX_REPLICAS = 32
 
 
 class PackingUnavailable(Exception):
