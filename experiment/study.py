@@ -256,13 +256,18 @@ class Worker:
         self.proc.stdin.write(json.dumps(payload) + "\n")
         self.proc.stdin.flush()
 
-    def ask_keys(self, trials: list[Trial]) -> None:
+    def ask_keys(self, trials: list[Trial]) -> bool:
         """Ask for these trials' packing keys: the answer comes back as an event
-        {"keys": {id: key}} (experiment.worker.answer_keys)."""
+        {"keys": {id: key}} (experiment.worker.answer_keys). False: not asked (the
+        process is gone; its end is an event of its own)."""
         assert self.proc.stdin is not None
         payload = [dict(id=t.id, task=t.task, options=t.options) for t in trials]
-        self.proc.stdin.write(json.dumps({"keys": payload}) + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(json.dumps({"keys": payload}) + "\n")
+            self.proc.stdin.flush()
+        except OSError:  # e.g. BrokenPipeError: it died before its end was read
+            return False
+        return True
 
     def death_cause(self) -> tuple[int, str]:
         code = self.proc.wait()
@@ -334,8 +339,7 @@ def run_trials(
         missing = [t for t in missing if t.id not in keys]
         new = [t for t in missing if t.id not in asked]
         helper = next((w for w in pool if w is not None and not w.running), None)
-        if new and helper is not None:
-            helper.ask_keys(new)
+        if new and helper is not None and helper.ask_keys(new):
             asked.update((t.id, helper.index) for t in new)
         return any(t.id in asked for t in missing)
 

@@ -502,6 +502,7 @@ class ScriptedWorker:
         from experiment import study
 
         self.events.put((self, {"keys": {t.id: study.group_key(t) for t in trials}}))
+        return True
 
     def death_cause(self):
         return 1, "its worker process exited with code 1"
@@ -737,14 +738,23 @@ class KeylessWorker(ScriptedWorker):
             return super().ask_keys(trials)
         KeylessWorker.deaths += 1
         self.events.put((self, None))
+        return True  # its death is read later
 
 
-@pytest.mark.parametrize("worker_class", [ScriptedWorker, KeylessWorker])
+class PipelessWorker(ScriptedWorker):
+    """A ScriptedWorker whose request cannot be written (its process is gone)."""
+
+    def ask_keys(self, trials):
+        return False
+
+
+@pytest.mark.parametrize("worker_class", [ScriptedWorker, KeylessWorker, PipelessWorker])
 def test_trials_whose_task_is_not_loaded_here_are_grouped_by_a_worker(
     tmp_path, monkeypatch, worker_class
 ):
     """The study process asks an idle worker for the keys of trials whose task it has
-    not loaded; if that worker dies first, they are asked again or worked out here."""
+    not loaded; if that worker dies first, or cannot be asked, they are asked again
+    or worked out here."""
     from experiment import study
 
     monkeypatch.setattr(study, "Worker", worker_class)
@@ -754,7 +764,7 @@ def test_trials_whose_task_is_not_loaded_here_are_grouped_by_a_worker(
     ask_keys = worker_class.ask_keys
     monkeypatch.setattr(worker_class, "ask_keys",
                         lambda self, trials: (asked.append([t.id for t in trials]),
-                                              ask_keys(self, trials)))  # fmt: skip
+                                              ask_keys(self, trials))[1])  # fmt: skip
     trials = [study.Trial(f"t{i}", "running_average", {**tokens(RA), "seed": str(i)},
                           tmp_path / f"t{i}") for i in range(3)]  # fmt: skip
     queue, jobs, results = list(trials), [], []
@@ -800,3 +810,18 @@ print(json.dumps(dict(jobs=jobs, codes=codes, loaded=loaded)))
     assert seen == dict(jobs=[["t0", "t1"]], codes=[0, 0], loaded=[]), seen
     for i in range(2):
         assert (tmp_path / f"t{i}" / "summary.json").is_file()
+
+
+def test_a_worker_that_is_gone_is_not_asked_for_keys(tmp_path):
+    import queue
+
+    from experiment import study
+
+    worker = study.Worker(0, queue.Queue(), REPO, tmp_path / "w.log")
+    worker.proc.kill()
+    worker.proc.wait()
+    trial = study.Trial("t0", "running_average", tokens(RA), tmp_path / "t0")
+    try:
+        assert worker.ask_keys([trial]) is False
+    finally:
+        worker.close()
