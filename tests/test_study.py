@@ -511,6 +511,25 @@ class ScriptedWorker:
         pass
 
 
+def seed_study(tmp_path, workers: int, count: int = 3):
+    """run_trials over `count` running-average trials that differ in their seed only
+    (one packable group), all proposed at once: (jobs started, results)."""
+    from experiment import study
+
+    trials = [study.Trial(f"t{i}", "running_average", {**tokens(RA), "seed": str(i)},
+                          tmp_path / f"t{i}") for i in range(count)]  # fmt: skip
+    queue, jobs, results = list(trials), [], []
+
+    def more(idle):
+        chosen = list(queue)
+        queue.clear()
+        return chosen
+
+    study.run_trials(more, workers=workers, pack=True, on_start=jobs.append,
+                     on_result=results.append, worker_log=tmp_path / "w.log")  # fmt: skip
+    return jobs, results
+
+
 def test_idle_workers_start_while_a_packed_job_trains_and_one_that_dies_idle_is_not_respawned(
     tmp_path, monkeypatch
 ):
@@ -522,17 +541,7 @@ def test_idle_workers_start_while_a_packed_job_trains_and_one_that_dies_idle_is_
     take_job = study.take_job
     monkeypatch.setattr(study, "take_job", lambda *a, idle=1: take_job(*a, idle=1))
     ScriptedWorker.created, ScriptedWorker.held = [], []
-    trials = [study.Trial(f"t{i}", "running_average", {**tokens(RA), "seed": str(i)},
-                          tmp_path / f"t{i}") for i in range(3)]  # fmt: skip
-    queue, jobs, results = list(trials), [], []
-
-    def more(idle):
-        chosen = list(queue)
-        queue.clear()
-        return chosen
-
-    study.run_trials(more, workers=2, pack=True, on_start=jobs.append,
-                     on_result=results.append, worker_log=tmp_path / "w.log")  # fmt: skip
+    jobs, results = seed_study(tmp_path, workers=2)
     assert [len(job) for job in jobs] == [3]  # one packed job; slot 1 had none to start with
     # slot 1 was started with the trials' arrival (its packed answer waits for that);
     # it died idle and was started again only for a job of its own (not in a loop)
@@ -765,17 +774,7 @@ def test_trials_whose_task_is_not_loaded_here_are_grouped_by_a_worker(
     monkeypatch.setattr(worker_class, "ask_keys",
                         lambda self, trials: (asked.append([t.id for t in trials]),
                                               ask_keys(self, trials))[1])  # fmt: skip
-    trials = [study.Trial(f"t{i}", "running_average", {**tokens(RA), "seed": str(i)},
-                          tmp_path / f"t{i}") for i in range(3)]  # fmt: skip
-    queue, jobs, results = list(trials), [], []
-
-    def more(idle):
-        chosen = list(queue)
-        queue.clear()
-        return chosen
-
-    study.run_trials(more, workers=1, pack=True, on_start=jobs.append,
-                     on_result=results.append, worker_log=tmp_path / "w.log")  # fmt: skip
+    jobs, results = seed_study(tmp_path, workers=1)
     assert asked[0] == ["t0", "t1", "t2"]
     # one packed job of the three (seeds pack), whoever worked out the keys
     assert [[t.id for t in job] for job in jobs] == [["t0", "t1", "t2"]]
