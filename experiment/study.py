@@ -10,8 +10,9 @@ they can share one compiled program. Used by sweep.py and report.py.
   differ only in seed, learning rate, weight decay or a task's PACKABLE options) go
   to one worker as one job and train as replicas of one program; each trial's own
   run (summary, figures) then finishes as a job of its own on any idle worker. The
-  keys are worked out by an idle worker (which has the tasks imported), so this
-  process never imports JAX or the tasks.
+  keys of trials whose task this process has not loaded are worked out by an idle
+  worker (which has JAX and the training code loaded), so grouping alone never
+  makes this process import JAX or the tasks.
 * Every trial is still a complete run of its own (train.py's workdir, summary,
   figures, TensorBoard and W&B runs, checkpoints), with its output in
   WORKDIR/trial.log.
@@ -322,7 +323,7 @@ def run_trials(
     started: set[int] = set()  # worker slots started at least once
 
     def key_of(trial: Trial) -> str | None:
-        if trial.id not in keys:  # no worker could be asked: worked out here
+        if trial.id not in keys:  # its task is loaded here, or no worker could be asked
             keys[trial.id] = group_key(trial)
         return keys[trial.id]
 
