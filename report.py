@@ -57,6 +57,10 @@ class Experiment:
     args: list[str]
     quick: list[str] = dataclasses.field(default_factory=list)  # replaces args' keys in --quick
     needs: str | None = None  # "mnist" or "names"
+    # About how many seconds the experiment takes in --quick beside another worker on
+    # the 2-core CPU (BENCHMARKS.md). It only sets the order the runs start in:
+    # costliest first (`run_order`).
+    seconds: float = 1.0
 
 
 @dataclasses.dataclass
@@ -125,9 +129,15 @@ def check(condition: bool | None, claim: str, contrary: str, full_only: bool = F
 # -------------------------------------------------------------- the sections
 
 
+# Seconds per running-average experiment: half of its packed pair's job (the program's
+# compilation and training, then both runs' evaluations and figures).
+RA_SECONDS = {("rnn", 1): 3.5, ("rnn", 2): 4.5, ("lstm", 1): 4.5, ("lstm", 2): 7.0}
+
+
 def _ra(name, cell, layers, last):
     args = [f"--cell={cell}", f"--num_layers={layers}", f"--last_step_only={str(last).lower()}"]
-    return Experiment(name, "running_average", args, quick=["--steps=800"])
+    seconds = RA_SECONDS[cell, layers]
+    return Experiment(name, "running_average", args, quick=["--steps=800"], seconds=seconds)
 
 
 RA = [
@@ -182,8 +192,10 @@ def ra_explain(o):
 
 
 SCALAR = [
-    Experiment("scalar_t3", "scalar_rnn", ["--w=0.5", "--inputs=1,2,3"]),
-    Experiment("scalar_t7", "scalar_rnn", ["--w=-1.3", "--inputs=0.5,-1,2,0.25,1,-2,3"]),
+    Experiment("scalar_t3", "scalar_rnn", ["--w=0.5", "--inputs=1,2,3"], seconds=0.7),
+    Experiment(
+        "scalar_t7", "scalar_rnn", ["--w=-1.3", "--inputs=0.5,-1,2,0.25,1,-2,3"], seconds=0.7
+    ),
 ]
 
 
@@ -224,12 +236,18 @@ def scalar_explain(o):
 
 
 FLOW = [
-    Experiment("flow_compare", "grad_flow_compare", [], quick=["--seq_len=60"]),
+    Experiment("flow_compare", "grad_flow_compare", [], quick=["--seq_len=60"], seconds=11),
     Experiment(
-        "flow_identity_095", "grad_flow", ["--activation=identity", "--spectral_radius=0.95"]
+        "flow_identity_095",
+        "grad_flow",
+        ["--activation=identity", "--spectral_radius=0.95"],
+        seconds=3,
     ),
     Experiment(
-        "flow_identity_105", "grad_flow", ["--activation=identity", "--spectral_radius=1.05"]
+        "flow_identity_105",
+        "grad_flow",
+        ["--activation=identity", "--spectral_radius=1.05"],
+        seconds=0.5,  # its programs are flow_identity_095's: compiled or cached by then
     ),
 ]
 VARIANTS = ("tanh", "relu", "identity", "residual", "lstm")
@@ -301,7 +319,9 @@ def flow_explain(o):
     return out
 
 
-SURNAMES = [Experiment("surnames", "surnames", [], quick=["--steps=1800"], needs="names")]
+SURNAMES = [
+    Experiment("surnames", "surnames", [], quick=["--steps=1800"], needs="names", seconds=57)
+]
 
 
 def surnames_table(o):
@@ -336,7 +356,7 @@ def surnames_explain(o):
     ]
 
 
-LATENT = [Experiment("latent_synthetic", "latent_study", [], quick=["--epochs=15"])]
+LATENT = [Experiment("latent_synthetic", "latent_study", [], quick=["--epochs=15"], seconds=72)]
 
 
 def latent_table(o):
@@ -416,6 +436,7 @@ MNIST = [
         ["--dataset=mnist", "--latent_dim=32", f"--kind={k}", "--num_seeds=3"],
         quick=["--epochs=8", "--num_seeds=1"],
         needs="mnist",
+        seconds=17,
     )
     for k in ("vanilla", "denoising", "masked")
 ]
@@ -465,7 +486,13 @@ def mnist_explain(o):
 
 
 LINEAR = [
-    Experiment("linear_ae", "linear_ae", ["--lambda_grid=0.001,0.01,0.1"], quick=["--steps=6000"])
+    Experiment(
+        "linear_ae",
+        "linear_ae",
+        ["--lambda_grid=0.001,0.01,0.1"],
+        quick=["--steps=6000"],
+        seconds=13,
+    )
 ]
 
 
@@ -655,26 +682,44 @@ def trial_outcome(e: Experiment, result: Result) -> Outcome:
     return Outcome(e, command, error=failure_message(result))
 
 
+def run_order(trials: list[Trial], experiments: dict[str, Experiment]) -> list[Trial]:
+    """The trials, costliest experiment first (ties keep the sections' order). Workers
+    take them in turn, so the last to start are short ones: in the sections' order
+    one worker ran the linear autoencoder alone for its last 11 to 13 s while the
+    other had nothing left (BENCHMARKS.md)."""
+    return sorted(trials, key=lambda t: -experiments[t.id].seconds)
+
+
 def run_experiments(opts, runs_dir: Path) -> dict[str, Outcome]:
     """Every experiment's outcome: reused, or run through the study executor (workers
     reuse one process per worker; compatible experiments train packed)."""
     experiments = {e.name: e for section in SECTIONS for e in section.experiments}
     outcomes: dict[str, Outcome] = {}
-    trials: list[Trial] = []
-    for e in experiments.values():
-        try:
-            planned = plan_experiment(e, opts, runs_dir)
-        except UsageError as err:
-            planned = Outcome(e, f"python train.py --task={e.task}", error=str(err))
-        if isinstance(planned, Outcome):
-            outcomes[e.name] = planned
-        else:
-            trials.append(planned)
+
+    def plan_all() -> list[Trial]:
+        """The trials to run, costliest first; the other experiments' outcomes go
+        straight to `outcomes`."""
+        trials = []
+        for e in experiments.values():
+            try:
+                planned = plan_experiment(e, opts, runs_dir)
+            except UsageError as err:
+                planned = Outcome(e, f"python train.py --task={e.task}", error=str(err))
+            if isinstance(planned, Outcome):
+                outcomes[e.name] = planned
+            else:
+                trials.append(planned)
+        return run_order(trials, experiments)
+
+    planned: list[bool] = []  # whether more() planned the trials already
 
     def more(idle: int) -> list[Trial]:
-        chosen = list(trials)
-        trials.clear()
-        return chosen
+        # First asked after the workers for `expected` started: planning loads the
+        # tasks (about 2 s of CPU) while they start, instead of before.
+        if planned:
+            return []
+        planned.append(True)
+        return plan_all()
 
     def on_start(job: list[Trial]) -> None:
         packed = f" (packed: {len(job)} in one program)" if len(job) > 1 else ""
@@ -685,10 +730,14 @@ def run_experiments(opts, runs_dir: Path) -> dict[str, Outcome]:
         outcomes[result.trial.id] = outcome
         print(f"[report] {result.trial.id}: {'ok' if outcome.ok else outcome.error}", flush=True)
 
+    # Experiments without a summary will most likely run: their workers start first.
+    # A finished one is reused unless its config changed (then its worker starts
+    # once planning has found it).
+    unfinished = [e for e in experiments if not (runs_dir / e / SUMMARY_FILE).exists()]
     runs_dir.mkdir(parents=True, exist_ok=True)
     run_trials(more, workers=opts.workers, pack=not opts.no_pack, on_start=on_start,
                on_result=on_result, worker_log=runs_dir / "workers.log",
-               expected=len(trials))  # fmt: skip
+               expected=len(unfinished))  # fmt: skip
     return {name: outcomes[name] for name in experiments if name in outcomes}
 
 

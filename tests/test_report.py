@@ -1,5 +1,6 @@
 """report.py: every section and figure from a tiny --quick run; numbers equal run summaries."""
 
+import argparse
 import json
 
 import pytest
@@ -118,3 +119,43 @@ def test_a_bad_worker_count_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --workers=0: must be >= 1"]
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_experiments_start_costliest_first_and_workers_before_planning(tmp_path, monkeypatch):
+    """Workers take the trials in the order given: the costliest go first, so the last
+    to start are short and no worker is left alone with a long experiment at the end.
+    The workers for the unfinished experiments start before planning loads the tasks."""
+    from tests.conftest import shared_data
+
+    planned: list[str] = []
+    plan = report.plan_experiment
+    monkeypatch.setattr(
+        report, "plan_experiment", lambda e, *args: planned.append(e.name) or plan(e, *args)
+    )
+    given: list[str] = []
+    started: list[int] = []
+
+    def record_order(more, *, expected, **kwargs):
+        assert not planned  # run_trials starts `expected` workers before asking `more`
+        started.append(expected)
+        given.extend(t.id for t in more(2))
+        assert more(2) == []  # planned once
+
+    monkeypatch.setattr(report, "run_trials", record_order)
+    opts = argparse.Namespace(
+        quick=True, overrides={}, mnist_dir=shared_data("mnist"), names_dir=shared_data("names"),
+        workers=2, no_pack=False,
+    )  # fmt: skip
+    finished = tmp_path / "runs" / "scalar_t3" / "summary.json"
+    finished.parent.mkdir(parents=True)
+    finished.write_text("{}")  # a summary without its config: not reused, but not counted
+    report.run_experiments(opts, tmp_path / "runs")
+    experiments = {e.name: e for section in report.SECTIONS for e in section.experiments}
+    assert started == [len(experiments) - 1]
+    assert sorted(given) == sorted(experiments)  # each once
+    seconds = [experiments[name].seconds for name in given]
+    assert seconds == sorted(seconds, reverse=True)
+    assert given[:2] == ["latent_synthetic", "surnames"]
+    assert set(given[-3:]) == {"scalar_t3", "scalar_t7", "flow_identity_105"}
+    mnist = [name for name in given if name.startswith("mnist_")]  # equal: sections' order
+    assert mnist == [e.name for e in report.MNIST]
