@@ -59,7 +59,8 @@ class Experiment:
     needs: str | None = None  # "mnist" or "names"
     # About how many seconds the experiment takes in --quick beside another worker on
     # the 2-core CPU (BENCHMARKS.md). It only sets the order the runs start in:
-    # costliest first (`run_order`).
+    # costliest first (`run_order`; the full settings keep about the same order).
+    # Without an estimate an experiment starts among the last, the short ones.
     seconds: float = 1.0
 
 
@@ -711,14 +712,15 @@ def run_experiments(opts, runs_dir: Path) -> dict[str, Outcome]:
                 trials.append(planned)
         return run_order(trials, experiments)
 
-    planned: list[bool] = []  # whether more() planned the trials already
+    planned = False
 
     def more(idle: int) -> list[Trial]:
         # First asked after the workers for `expected` started: planning loads the
         # tasks (about 2 s of CPU) while they start, instead of before.
+        nonlocal planned
         if planned:
             return []
-        planned.append(True)
+        planned = True
         return plan_all()
 
     def on_start(job: list[Trial]) -> None:
