@@ -159,3 +159,27 @@ def test_experiments_start_costliest_first_and_workers_before_planning(tmp_path,
     assert set(given[-3:]) == {"scalar_t3", "scalar_t7", "flow_identity_105"}
     mnist = [name for name in given if name.startswith("mnist_")]  # equal: sections' order
     assert mnist == [e.name for e in report.MNIST]
+
+
+def test_ctrl_c_while_planning_stops_the_workers_already_started(tmp_path, monkeypatch, capsys):
+    """Planning runs after the workers started: Ctrl-C then ends them too, exit 130."""
+    from experiment import study
+
+    started: list[study.Worker] = []
+
+    class RecordedWorker(study.Worker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    def interrupted(e, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "Worker", RecordedWorker)
+    monkeypatch.setattr(report, "plan_experiment", interrupted)
+    assert report.main(["--quick", f"--out={tmp_path}", "--workers=2"]) == 130
+    assert capsys.readouterr().err.strip() == (
+        "interrupted; rerun the same command to continue the report"
+    )
+    assert len(started) == 2 and all(w.proc.poll() is not None for w in started)
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["workers.log"]  # nothing else
