@@ -78,7 +78,9 @@ class Options(TrainConfig):
         None, "probe L2 penalty (none: chosen on a 10% validation split)", min=0
     )
     probe_standardize: bool = option(False, "standardise probe features (can hurt on pixels)")
-    probe_iterations: int = option(100, "L-BFGS iterations of the probe", min=1)
+    probe_iterations: int = option(
+        100, "most L-BFGS iterations of a probe fit (fewer once it has converged)", min=1
+    )
 
     def check(self) -> None:
         super().check()

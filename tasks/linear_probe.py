@@ -31,7 +31,7 @@ class Config(BaseConfig):
     replica: int = option(0, "which replica, for runs trained with --num_seeds > 1", min=0)
     probe_l2: float | None = option(None, "L2 penalty (none: chosen on a validation split)", min=0)
     probe_standardize: bool = option(False, "standardise the features")
-    probe_iterations: int = option(100, "L-BFGS iterations", min=1)
+    probe_iterations: int = option(100, "most L-BFGS iterations (fewer once converged)", min=1)
     mnist_dir: str | None = option(None, "override the saved MNIST IDX directory")
     data_dir: str | None = option(None, "override the saved TFDS data directory")
 

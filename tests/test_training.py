@@ -249,9 +249,47 @@ def test_rarely_run_programs_get_their_compile_options_and_compute_the_same(monk
     x = jnp.asarray(rng.standard_normal((300, 12)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 3, 300))
     weights = jnp.ones(300, jnp.float32)
-    fast, fast_loss = probe._fit_program()(x, y, weights, 1e-3, 3, 60)
+    fast, fast_loss, _ = probe._fit_program()(x, y, weights, 1e-3, 3, 60)
     default_program = jax.jit(probe._fit_softmax, static_argnums=(4, 5))
-    plain, plain_loss = default_program(x, y, weights, 1e-3, 3, 60)
+    plain, plain_loss, _ = default_program(x, y, weights, 1e-3, 3, 60)
     np.testing.assert_allclose(fast_loss, plain_loss, rtol=1e-5)
     for key in ("w", "b"):
         np.testing.assert_allclose(fast[key], plain[key], rtol=1e-3, atol=1e-5)
+
+
+def _softmax_objective_gradient(x, y, l2, w, b):
+    """NumPy reference: the gradient of mean cross-entropy + l2 ||W||^2 (float64)."""
+    logits = x @ w + b
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1.0
+    return x.T @ p / len(y) + 2 * l2 * w, p.mean(axis=0)
+
+
+def test_probe_fit_stops_once_converged_and_equals_the_fit_run_to_its_cap():
+    """A probe fit stops when its gradient norm is below GRAD_TOL (checked against a
+    NumPy gradient), and gives what the same fit run for every iteration gives; a fit
+    that does not converge runs exactly `iterations`."""
+    from training import probe
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((400, 6)).astype(np.float32)
+    y = rng.integers(0, 4, 400)
+    weights = jnp.ones(400, jnp.float32)
+    args = (jnp.asarray(x), jnp.asarray(y), weights, jnp.float32(1e-2), 4, 100)
+    params, loss, count = jax.jit(probe._fit_softmax, static_argnums=(4, 5))(*args)
+    assert 0 < int(count) < 100
+    w, b = (np.asarray(params[k], np.float64) for k in ("w", "b"))
+    grad_w, grad_b = _softmax_objective_gradient(x.astype(np.float64), y, 1e-2, w, b)
+    assert np.sqrt(np.sum(grad_w**2) + np.sum(grad_b**2)) < 2 * probe.GRAD_TOL
+    # a tolerance of 0 is never met: the fit runs to its cap
+    full, full_loss, full_count = jax.jit(probe._fit_softmax, static_argnums=(4, 5))(
+        *args, grad_tol=0.0
+    )
+    assert int(full_count) == 100
+    np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
+    for key in ("w", "b"):
+        np.testing.assert_allclose(params[key], full[key], atol=1e-4)
+    np.testing.assert_array_equal(
+        probe._accuracy(params, args[0], args[1]), probe._accuracy(full, args[0], args[1])
+    )
