@@ -53,7 +53,7 @@ def _fit_softmax(
 ):
     """Weights, bias, loss and iterations run of the weighted mean CE + l2 ||W||^2
     minimised by L-BFGS: at most `iterations`, fewer once the gradient's norm is below
-    grad_tol (a converged fit: more iterations would not change it in float32).
+    grad_tol (converged: see GRAD_TOL for what running on changed).
 
     Row weights let validation rows sit out of a fit without changing array shapes
     (so selection and the final fit share one compiled program).
