@@ -80,9 +80,7 @@ def main() -> None:
             (q, full_loss, _), t_full = timed(
                 program, *call, l2, classes, args.iterations, grad_tol=0.0
             )
-            differ = int(
-                jnp.sum(jnp.argmax(x @ p["w"] + p["b"], -1) != jnp.argmax(x @ q["w"] + q["b"], -1))
-            )
+            differ = int(jnp.sum(probe.predict(p, x) != probe.predict(q, x)))
             rel = abs(float(loss) - float(full_loss)) / abs(float(full_loss))
             total_stop, total_full = total_stop + t_stop, total_full + t_full
             print(

@@ -96,9 +96,13 @@ def _fit_program():
     return jax.jit(_fit_softmax, static_argnums=(4, 5), compiler_options=rarely_run())
 
 
+def predict(params, features) -> jax.Array:
+    """The class a fitted probe gives each row of features."""
+    return jnp.argmax(features @ params["w"] + params["b"], axis=-1)
+
+
 def _accuracy(params, features, labels) -> jax.Array:
-    predictions = jnp.argmax(features @ params["w"] + params["b"], axis=-1)
-    return jnp.mean(predictions == labels, axis=-1)
+    return jnp.mean(predict(params, features) == labels, axis=-1)
 
 
 def select_l2(features: np.ndarray, labels: np.ndarray, num_classes: int, iterations: int) -> float:
