@@ -10,8 +10,11 @@ trial; `tasks/linear_ae.plot_training` and `plot_singular_values`: two), drawn
 for every save from a small model's values, the ways interleaved so that the
 shared machine's drift hits them alike: two-pass and one-pass on new figures (what
 a process per trial draws), one-pass on reused figures (what a study's worker
-draws from its second trial on), and the same measured as matplotlib measures a
-drawn figure (instead of `experiment.figures.drawn_extent`). Printed:
+draws from its second trial on), the same with each axis's ticks computed
+wherever the draw and the measure ask for them (instead of once,
+`experiment.figures.ticks_computed_once`), and the same also measured as
+matplotlib measures a drawn figure (instead of `experiment.figures.drawn_extent`).
+Printed:
 milliseconds per trial's figures each way, and per image logged to TensorBoard
 (the PNG as written, against
 tensorboardX's add_image, which decodes, rescales and encodes it again). The
@@ -21,6 +24,7 @@ numbers go in BENCHMARKS.md ("Whole studies").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import sys
 import tempfile
@@ -87,9 +91,11 @@ def linear_ae_figures():
     return draw
 
 
-# png_bytes with the figure measured as matplotlib measures it after a draw (a new
-# renderer, ticks recomputed wherever asked for) instead of `figures.drawn_extent`
-REMEASURED = "one-pass, reused, measured anew"
+# png_bytes with each axis's ticks computed wherever asked for (figures.ticks_computed_once
+# off), and also with the figure measured as matplotlib measures it after a draw (a new
+# renderer) instead of `figures.drawn_extent`
+TICKS_ANEW = "one-pass, reused, ticks anew"
+REMEASURED = "one-pass, reused, ticks and measure anew"
 
 
 def _measured_anew(fig, renderer):
@@ -101,18 +107,21 @@ def per_trial_ms(draw, repeats: int) -> dict[str, float]:
     from experiment import figures
 
     # the reused figures, kept from one draw to the next (each way its own)
-    kept: dict[str, dict] = {"one-pass, reused": {}, REMEASURED: {}}
-    cheaper = figures.drawn_extent
+    kept: dict[str, dict] = {"one-pass, reused": {}, TICKS_ANEW: {}, REMEASURED: {}}
+    cheaper, once = figures.drawn_extent, figures.ticks_computed_once
 
     def draw_as(mode: str) -> None:
         figures._REUSABLE = kept.get(mode, {})  # else: new figures
         figures.drawn_extent = _measured_anew if mode == REMEASURED else cheaper
+        if mode in (TICKS_ANEW, REMEASURED):
+            figures.ticks_computed_once = lambda fig: contextlib.nullcontext()
         try:
             draw(Saver(one_pass=mode != "two-pass"))
         finally:
-            figures.drawn_extent = cheaper
+            figures.drawn_extent, figures.ticks_computed_once = cheaper, once
 
-    totals = {"two-pass": 0.0, "one-pass": 0.0, "one-pass, reused": 0.0, REMEASURED: 0.0}
+    modes = ["two-pass", "one-pass", "one-pass, reused", TICKS_ANEW, REMEASURED]
+    totals = dict.fromkeys(modes, 0.0)
     for mode in totals:  # warm: imports, fonts, compiled predictions, the reused figures
         draw_as(mode)
     for _ in range(repeats):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 @functools.cache
@@ -164,7 +165,8 @@ def png_bytes(fig, dpi: int) -> bytes:
 
     savefig draws a figure twice for a tight crop: once to measure its extent, once to
     render it. Here it is rendered once, with a margin around it, then measured
-    (`drawn_extent`, with what the draw computed) and cropped: 15% less time for a
+    (`drawn_extent`, with what the draw computed; each axis's ticks computed once for
+    both, `ticks_computed_once`) and cropped: 15% less time for a
     running-average trial's figures (benchmarks/figure_saving.py). A figure that
     draws beyond the margin (e.g. a legend far outside the axes) is saved the
     two-pass way. The figure is left at `dpi`, laid out (it is closed next)."""
@@ -188,11 +190,12 @@ def png_bytes(fig, dpi: int) -> bytes:
     drawn_by = []  # the renderer of the draw: its text metrics are cached for the measure
     listener = fig.canvas.mpl_connect("draw_event", lambda event: drawn_by.append(event.renderer))
     try:
-        fig.savefig(raw, format="rgba", dpi=dpi, bbox_inches=region)
+        with ticks_computed_once(fig):  # asked for 8 to 12 times per axis otherwise
+            fig.savefig(raw, format="rgba", dpi=dpi, bbox_inches=region)
+            renderer = drawn_by[-1] if drawn_by else fig.canvas.get_renderer()
+            tight = drawn_extent(fig, renderer).padded(matplotlib.rcParams["savefig.pad_inches"])
     finally:
         fig.canvas.mpl_disconnect(listener)
-    pad = matplotlib.rcParams["savefig.pad_inches"]
-    tight = drawn_extent(fig, drawn_by[-1] if drawn_by else fig.canvas.get_renderer()).padded(pad)
     out = io.BytesIO()
     if not region.contains(tight.x0, tight.y0) or not region.contains(tight.x1, tight.y1):
         fig.savefig(out, format="png", dpi=dpi, bbox_inches="tight")
@@ -211,25 +214,33 @@ def png_bytes(fig, dpi: int) -> bytes:
 
 
 def drawn_extent(fig, renderer):
-    """`fig.get_tightbbox(renderer)` of a figure `renderer` has just drawn, with less
-    work: the same box (tests/test_figures.py), and a fifth less time for a reused
-    figure's whole save (benchmarks/figure_saving.py).
+    """`fig.get_tightbbox(renderer)` of a figure `renderer` has just drawn: the same box
+    (tests/test_figures.py) with less work than matplotlib's own measure after a draw.
 
-    - The draw's own renderer holds the texts' metrics from the draw (matplotlib caches
-      them per renderer). A new renderer, which `canvas.get_renderer()` makes for the
-      figure's own size after a draw of a larger region, lays every text out again.
-      Keeping the canvas on one renderer also lets a reused figure's next draw hit
-      that cache.
-    - Each axis's ticks are computed once, not at every one of the 4-5 places the
-      measure asks for them (spines, tick label boxes, label positions): the figure
-      does not change while it is measured. `_update_ticks` is matplotlib's private
-      method; where it does not exist, the figure is measured as it is."""
+    The draw's own renderer holds the texts' metrics from the draw (matplotlib caches
+    them per renderer). A new renderer, which `canvas.get_renderer()` makes for the
+    figure's own size after a draw of a larger region, lays every text out again.
+    Keeping the canvas on one renderer also lets a reused figure's next draw hit that
+    cache."""
+    return fig.get_tightbbox(renderer)
+
+
+@contextlib.contextmanager
+def ticks_computed_once(fig) -> Iterator[None]:
+    """Each axis of `fig` computes its ticks once in the block: later requests get the
+    first answer. A draw asks 3 to 5 times per axis (the axis itself, its label's
+    position beside the tick labels, the title's position), the measure after it 5 to 7
+    more times (the tasks' figures, counted); the figure does not change in between,
+    so every answer is the same: the same pixels and box (tests/test_figures.py) for
+    less time (benchmarks/figure_saving.py). `_update_ticks` is matplotlib's private
+    method; where it does not exist, nothing changes. Taken back at the end: the next
+    draw computes ticks anew."""
     axes = [axis for ax in fig.axes for axis in _axes_of(ax) if hasattr(axis, "_update_ticks")]
     own = [axis.__dict__.get("_update_ticks") for axis in axes]  # set on the instance: none
     for axis in axes:
         axis._update_ticks = _computed_once(axis._update_ticks)  # this instance only
     try:
-        return fig.get_tightbbox(renderer)
+        yield
     finally:
         for axis, method in zip(axes, own, strict=True):
             if method is None:

@@ -4,6 +4,8 @@ Each task runs on a tiny configuration with `Run.save_figure` wrapped so that ev
 figure is checked (tests/figure_check.py) just before it is saved.
 """
 
+import contextlib
+
 import pytest
 
 import train
@@ -401,10 +403,12 @@ def _measured_anew(fig, renderer):
 
 
 @pytest.mark.parametrize("plots", [_running_average_plots, _linear_ae_plots, _autoencoder_plots])
-def test_the_cheaper_measure_crops_every_figure_where_matplotlibs_does(plots, monkeypatch):
-    """png_bytes measures what it drew with the draw's renderer and each axis's ticks
-    computed once (figures.drawn_extent): the PNGs equal those cropped by matplotlib's
-    own measure, on new figures and on reused ones, whichever trial comes first."""
+def test_the_cheaper_draw_and_measure_give_matplotlibs_pixels_and_crop(plots, monkeypatch):
+    """png_bytes draws and measures with each axis's ticks computed once
+    (figures.ticks_computed_once) and measures with the draw's renderer
+    (figures.drawn_extent): the PNGs equal those drawn with ticks computed wherever
+    matplotlib asks for them and cropped by matplotlib's own measure, on new figures
+    and on reused ones, whichever trial comes first."""
     from experiment import figures
 
     first, second = plots()
@@ -412,6 +416,7 @@ def test_the_cheaper_measure_crops_every_figure_where_matplotlibs_does(plots, mo
     for measure in ("cheaper", "matplotlib's"):
         if measure != "cheaper":
             monkeypatch.setattr(figures, "drawn_extent", _measured_anew)
+            monkeypatch.setattr(figures, "ticks_computed_once", lambda _: contextlib.nullcontext())
         monkeypatch.setattr(figures, "_REUSABLE", {})
         run = _PngRun()
         for plot in (first, second, first):  # new figures, then reused ones
@@ -423,7 +428,7 @@ def test_the_cheaper_measure_crops_every_figure_where_matplotlibs_does(plots, mo
 
 
 def test_the_cheaper_measure_leaves_the_axes_as_they_were():
-    """drawn_extent's per-axis tick memo is taken back: the next draw computes ticks anew
+    """png_bytes's per-axis tick memo is taken back: the next draw computes ticks anew
     (new limits give new ticks), and a method set on an axis before is kept."""
     from experiment import figures
 
