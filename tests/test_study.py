@@ -293,7 +293,7 @@ def state_of(out):
     return {t["id"]: t for t in json.loads((out / "sweep_state.json").read_text())["trials"]}
 
 
-LONG = [*TINY_ARGS["running_average"], "--steps=4000", "--checkpoint_every=64", "--log_every=64",
+LONG = [*TINY_ARGS["running_average"], "--steps=4000", "--checkpoint_every=512", "--log_every=64",
         "--eval_every=4000", "--steps_per_call=8"]  # fmt: skip
 
 
@@ -301,7 +301,7 @@ def test_a_killed_worker_costs_only_its_trial_and_the_study_goes_on(tmp_path):
     spec = write_grid(tmp_path / "s.yaml", {"seed": {"values": [0, 1]}}, LONG)
     out = tmp_path / "out"
     proc = start_sweep(tmp_path, spec, out, "--no_pack")
-    wait_for(lambda: (out / "trial-000" / "checkpoints" / "64").is_dir())
+    wait_for(lambda: (out / "trial-000" / "checkpoints" / "512").is_dir())
     (worker,) = children(proc.pid)
     os.kill(worker, signal.SIGKILL)
     output, _ = proc.communicate(timeout=300)
@@ -422,7 +422,7 @@ def test_a_study_killed_with_sigkill_takes_its_workers_with_it(tmp_path):
     spec = write_grid(tmp_path / "s.yaml", {"seed": {"values": [0]}}, LONG)
     out = tmp_path / "out"
     proc = start_sweep(tmp_path, spec, out, "--no_pack")
-    wait_for(lambda: (out / "trial-000" / "checkpoints" / "64").is_dir())
+    wait_for(lambda: (out / "trial-000" / "checkpoints" / "512").is_dir())
     (worker,) = children(proc.pid)
     proc.kill()
     proc.communicate(timeout=60)
