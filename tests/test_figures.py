@@ -369,6 +369,23 @@ def _autoencoder_plots():
     return plots(1, 0.6), plots(3, 0.15)
 
 
+def _surnames_plots():
+    """Two confusion matrices (an image with its aspect kept, a colorbar, rotated tick
+    labels), of 18 and of 5 languages."""
+    import numpy as np
+
+    from tasks import surnames
+
+    def plots(n: int, seed: int):
+        rng = np.random.default_rng(seed)
+        labels = rng.integers(0, n, 400)
+        predictions = np.where(rng.random(400) < 0.6, labels, rng.integers(0, n, 400))
+        languages = [f"Language{i}" for i in range(n)]
+        return lambda run: surnames.plot_confusion(run, predictions, labels, languages)
+
+    return plots(18, 0), plots(5, 1)
+
+
 def _drawn_new_and_reused(earlier, later, monkeypatch) -> tuple[dict, dict]:
     """The PNGs `later(run)` saves on new figures, and on the figures `earlier(run)` used."""
     from experiment import figures
@@ -402,13 +419,16 @@ def _measured_anew(fig, renderer):
     return fig.get_tightbbox(fig.canvas.get_renderer())
 
 
-@pytest.mark.parametrize("plots", [_running_average_plots, _linear_ae_plots, _autoencoder_plots])
+@pytest.mark.parametrize(
+    "plots", [_running_average_plots, _linear_ae_plots, _autoencoder_plots, _surnames_plots]
+)
 def test_the_cheaper_draw_and_measure_give_matplotlibs_pixels_and_crop(plots, monkeypatch):
     """png_bytes draws and measures with each axis's ticks computed once
     (figures.ticks_computed_once) and measures with the draw's renderer
     (figures.drawn_extent): the PNGs equal those drawn with ticks computed wherever
     matplotlib asks for them and cropped by matplotlib's own measure, on new figures
-    and on reused ones, whichever trial comes first."""
+    and on reused ones, whichever trial comes first (and on an image with a colorbar,
+    whose axes' size is set while it is drawn)."""
     from experiment import figures
 
     first, second = plots()
