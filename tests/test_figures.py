@@ -31,8 +31,10 @@ TASKS = {
 
 def checked_figures(monkeypatch) -> list[str]:
     """Wrap Run.save_figure: every figure's problems are collected, then it is saved.
-    Saving measures the drawn figure the cheaper way (figures.drawn_extent): a box other
-    than matplotlib's own measure of it is a problem too."""
+    Saving draws and measures the figure the cheaper way (each axis's ticks computed
+    once, figures.ticks_computed_once; the draw's renderer, figures.drawn_extent): a box
+    other than matplotlib's own measure of it, or a PNG other than the one drawn with
+    ticks computed wherever matplotlib asks and cropped by its measure, is a problem too."""
     from experiment import figures
 
     found: list[str] = []
@@ -41,7 +43,8 @@ def checked_figures(monkeypatch) -> list[str]:
 
     def compared(fig, renderer):
         box = cheaper(fig, renderer)
-        theirs = fig.get_tightbbox(fig.canvas.get_renderer())
+        with _ticks_anew(fig):
+            theirs = fig.get_tightbbox(fig.canvas.get_renderer())
         if box.bounds != theirs.bounds:
             found.append(f"measured {box.bounds}, matplotlib measures {theirs.bounds}")
         return box
@@ -51,10 +54,33 @@ def checked_figures(monkeypatch) -> list[str]:
     def save_figure(self, fig, name, step=None):
         plain_log_labels(fig)  # what save_figure draws: the labels' final text
         found.extend(f"{name}.png: {p}" for p in problems(fig))
-        return original(self, fig, name, step)
+        with monkeypatch.context() as plain:
+            plain.setattr(figures, "ticks_computed_once", lambda _: contextlib.nullcontext())
+            plain.setattr(figures, "drawn_extent", _measured_anew)
+            theirs = png_bytes(fig, dpi=110)  # Run.save_figure's dpi
+        path = original(self, fig, name, step)
+        if path.exists() and path.read_bytes() != theirs:
+            found.append(f"{name}.png: not the PNG of matplotlib's own draw and crop")
+        return path
 
     monkeypatch.setattr(Run, "save_figure", save_figure)
     return found
+
+
+@contextlib.contextmanager
+def _ticks_anew(fig):
+    """Each axis's `_update_ticks` as matplotlib has it (a memo set on the instance by
+    png_bytes is set aside for the block)."""
+    from experiment.figures import _axes_of
+
+    axes = [axis for ax in fig.axes for axis in _axes_of(ax)]
+    set_aside = [vars(axis).pop("_update_ticks", None) for axis in axes]
+    try:
+        yield
+    finally:
+        for axis, method in zip(axes, set_aside, strict=True):
+            if method is not None:
+                axis._update_ticks = method
 
 
 @pytest.mark.parametrize("case", list(TASKS))
