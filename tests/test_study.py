@@ -466,13 +466,15 @@ def test_a_group_whose_checkpoints_were_split_by_a_kill_resumes_from_their_commo
 
 class ScriptedWorker:
     """A stand-in for experiment.study.Worker: answers a trial at once (exit 0) and a packed
-    job ({"packed": ids}) once slot 1 has started; slot 1's first process dies idle."""
+    job ({"packed": ids}) once slot 1 has started (at once in a study of one worker);
+    slot 1's first process dies idle."""
 
     created: ClassVar[list[int]] = []
     held: ClassVar[list] = []  # packed answers waiting for slot 1
 
     def __init__(self, index, events, cwd, log, workers=1):
         self.index, self.events, self.running = index, events, {}
+        self.workers = workers
         ScriptedWorker.created.append(index)
         if index == 1 and ScriptedWorker.created.count(1) == 1:
             events.put((self, None))  # gone before any job
@@ -488,7 +490,7 @@ class ScriptedWorker:
         self.running.update((t.id, t) for t in job)
         if len(job) == 1:
             self.events.put((self, {"id": job[0].id, "exit_code": 0}))
-        elif 1 in ScriptedWorker.created:
+        elif 1 in ScriptedWorker.created or self.workers == 1:  # no slot 1 to wait for
             self.events.put((self, {"packed": [t.id for t in job]}))
         else:
             ScriptedWorker.held.append((self, {"packed": [t.id for t in job]}))
