@@ -11,14 +11,12 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # JAX's compilation cache, one per test process: `make test` runs the suite in several
 # (pytest-xdist), and JAX writes a cache entry in place, so a process reading an entry
-# another one is writing would get a warning (an error in these tests).
-_TEST_PROCESS = os.environ.get("PYTEST_XDIST_WORKER", "")
-os.environ.setdefault(
-    "RNNAE_CACHE_DIR",
-    os.path.join(
-        tempfile.gettempdir(), "-".join(filter(None, ["rnnae-test-jax-cache", _TEST_PROCESS]))
-    ),
-)
+# another one is writing would get a warning (an error in these tests). The default
+# is set first by pytest's main process, whose environment its workers inherit.
+_DEFAULT_CACHE = os.path.join(tempfile.gettempdir(), "rnnae-test-jax-cache")
+if os.environ.get("RNNAE_CACHE_DIR", _DEFAULT_CACHE) == _DEFAULT_CACHE:
+    _TEST_PROCESS = os.environ.get("PYTEST_XDIST_WORKER")
+    os.environ["RNNAE_CACHE_DIR"] = "-".join(filter(None, [_DEFAULT_CACHE, _TEST_PROCESS]))
 
 REPO = Path(__file__).resolve().parents[1]
 
