@@ -123,7 +123,7 @@ LONG_DATA = ["--num_train=64", "--num_eval=8"]  # long sequences, few of them
         (["--task=running_average", "--seed=2147483647", "--num_seeds=2"], "--seed"),
         (["--task=running_average", "--hidden_size=1e10"], "integers must be within"),
         (["--task=running_average", "--hidden_size=1e9"], "of memory is available"),
-        # a long sequence whose train step needs about 74 GiB (its data about 80 MB)
+        # a long sequence whose train step needs about 74 GiB (its data about 170 MB)
         (["--task=running_average", "--seq_len=3e5", "--hidden_size=512", *LONG_DATA], "memory"),
         (["--task=autoencoder", "--latent_dim=1e12"], "integers must be within"),
         (["--task=autoencoder", "--latent_dim=1e9"], "of memory is available"),
