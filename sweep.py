@@ -417,9 +417,12 @@ def run_sweep(
         print(f"{trial['id']}: {trial['status']}: {shown} ({done} done)", flush=True)
 
     try:
+        # the costliest jobs first (by the task's estimate): a long packed group does
+        # not start last, beside a worker with nothing left to run
         run_trials(more, workers=workers, pack=pack, on_start=on_start, on_result=on_result,
                    worker_log=directory / "workers.log",
-                   expected=len(resume) + still_to_propose(spec, state, count))  # fmt: skip
+                   expected=len(resume) + still_to_propose(spec, state, count),
+                   costliest_first=True)  # fmt: skip
     finally:
         state.save()  # interrupted trials stay "running" and resume later
     return state

@@ -130,6 +130,11 @@ def run_torch(trials: list[Trial]) -> list[list[Trial]]:
     return [[t] for t in trials]
 
 
+# Jobs start costliest first, as in sweep.py (RNNAE_BENCH_GIVEN_ORDER=1: in the grid's
+# order, as before that order existed)
+COSTLIEST_FIRST = os.environ.get("RNNAE_BENCH_GIVEN_ORDER") != "1"
+
+
 def run_executor(trials: list[Trial], pack: bool, workers: int) -> list[list[Trial]]:
     jobs: list[list[Trial]] = []
     failed: list[Result] = []
@@ -146,7 +151,7 @@ def run_executor(trials: list[Trial], pack: bool, workers: int) -> list[list[Tri
 
     run_trials(more, workers=workers, pack=pack, on_start=jobs.append, on_result=on_result,
                worker_log=trials[0].workdir.parent / "workers.log",
-               expected=len(trials))  # fmt: skip
+               expected=len(trials), costliest_first=COSTLIEST_FIRST)  # fmt: skip
     if failed:
         raise SystemExit(f"{len(failed)} trials failed, e.g. {failed[0].trial.log}")
     return jobs

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import queue
@@ -102,19 +103,39 @@ def failure_message(result: Result) -> str:
     return f"exit {result.exit_code}: {reason}"
 
 
+@functools.lru_cache(maxsize=4096)
+def _task_config(task: str, options: tuple[tuple[str, str], ...]):
+    """(task module, config) of a trial's options; None for options its own run will
+    refuse (with its error). Kept: a trial's packing key and cost both read it."""
+    import tasks
+
+    try:
+        module = tasks.load(task)
+        cfg = build_config(module.Config, tokenize([f"--{k}={v}" for k, v in options]))
+    except UsageError:
+        return None
+    return module, cfg
+
+
+def _config_of(trial: Trial):
+    return _task_config(trial.task, tuple(trial.options.items()))
+
+
 def group_key(trial: Trial) -> str | None:
     """Trials with equal keys can train packed; None: alone (or a config the trial's
     own run will refuse with its error)."""
-    import tasks
     from training.packing import group_key as key_of
 
-    try:
-        module = tasks.load(trial.task)
-        options = tokenize([f"--{k}={v}" for k, v in trial.options.items()])
-        cfg = build_config(module.Config, options)
-    except UsageError:
-        return None
-    return key_of(trial.task, module, cfg)
+    found = _config_of(trial)
+    return None if found is None else key_of(trial.task, *found)
+
+
+def training_cost(trial: Trial) -> float | None:
+    """The task's estimate of the trial's training computation (its optional
+    `training_cost(cfg)`, in units of its own); None without one."""
+    found = _config_of(trial)
+    estimate = None if found is None else getattr(found[0], "training_cost", None)
+    return None if estimate is None else float(estimate(found[1]))
 
 
 def task_loaded_here(task: str) -> bool:
@@ -155,15 +176,29 @@ def take_job(
     return job
 
 
-def prefer_own_trials(pending: list[Trial], trained_by: dict[str, int], slot: int) -> None:
+def prefer_own_trials(
+    pending: list[Trial],
+    trained_by: dict[str, int],
+    slot: int,
+    job_cost: Callable[[Trial], float | None] | None = None,
+) -> None:
     """Put first what worker `slot` should run next: a trial it trained packed (its run
     evaluates and plots with the programs the worker compiled for the group), else
     one not trained yet (new work), else the pending order (trials another worker
     trained). Another worker finishing a group's trials compiles those programs
     again, at the same time as the worker that trained it, when both finish their
-    groups together (the persistent cache only helps the later of the two)."""
+    groups together (the persistent cache only helps the later of the two).
+
+    job_cost(trial): the estimated cost of the job the trial would start; given, and
+    known for every new trial, the costliest new job goes first (ties: the pending
+    order), so that the long jobs do not start last, beside a worker with nothing
+    left to run."""
     own = [i for i, t in enumerate(pending) if trained_by.get(t.id) == slot]
     new = [i for i, t in enumerate(pending) if t.id not in trained_by]
+    if job_cost is not None and new and not own:
+        costs = [job_cost(pending[i]) for i in new]
+        if None not in costs:
+            new = [new[costs.index(max(costs))]]  # type: ignore[type-var]
     first = (own or new or [0])[0]
     pending.insert(0, pending.pop(first))
 
@@ -306,19 +341,27 @@ def run_trials(
     on_result: Callable[[Result], None],
     worker_log: Path,
     expected: int = 0,
+    costliest_first: bool = False,
 ) -> None:
     """Run trials until `more` has none left: `more(idle)` is asked for trials whenever
     a worker is idle and none are pending (it may return more than `idle`, e.g. a
     whole grid, which packing can then group). `on_start(job)` and `on_result(result)`
     are called in this process as jobs start and trials end. `expected`: how many
     trials the caller knows `more` will give; that many workers (up to `workers`)
-    start before it is first asked, so their start overlaps its proposals."""
+    start before it is first asked, so their start overlaps its proposals.
+
+    costliest_first: new jobs start in the order of their estimated training cost
+    (`training_cost`, times the trials packed together), where the task estimates
+    every pending trial's; else in the order `more` gives them (e.g. the report's)."""
+    from training.config import MAX_REPLICAS
+
     events: queue.Queue = queue.Queue()
     pool: list[Worker | None] = [None] * workers
     pending: list[Trial] = []
     trained: set[str] = set()  # trained packed; their own runs still to finish
     trained_by: dict[str, int] = {}  # the worker slot that trained them
     keys: dict[str, str | None] = {}
+    costs: dict[str, float | None] = {}  # training_cost, from this process or a worker
     asked: dict[str, int] = {}  # trial id -> the worker slot working out its key
     started: set[int] = set()  # worker slots started at least once
 
@@ -326,6 +369,30 @@ def run_trials(
         if trial.id not in keys:  # its task is loaded here, or no worker could be asked
             keys[trial.id] = group_key(trial)
         return keys[trial.id]
+
+    def cost_of(trial: Trial) -> float | None:
+        if trial.id not in costs:  # as for its key
+            costs[trial.id] = training_cost(trial)
+        return costs[trial.id]
+
+    def job_costs() -> Callable[[Trial], float | None]:
+        """A new trial's job's estimated cost: its own times the pending trials it
+        would pack with (take_job's group, up to MAX_REPLICAS replicas)."""
+        counts: dict[str, int] = {}
+        for t in pending:
+            key = key_of(t) if pack and t.id not in trained else None
+            if key is not None:
+                counts[key] = counts.get(key, 0) + 1
+
+        def job_cost(trial: Trial) -> float | None:
+            cost = cost_of(trial)
+            key = key_of(trial) if pack else None
+            if cost is None or key is None:
+                return cost
+            limit = max(1, MAX_REPLICAS // int(trial.options.get("num_seeds", 1)))
+            return cost * min(counts[key], limit)
+
+        return job_cost
 
     def awaiting_keys() -> bool:
         """Whether the pending trials' packing keys are still being worked out. A trial
@@ -370,7 +437,7 @@ def run_trials(
                 grouping = pack and bool(pending) and awaiting_keys()
                 if not pending or grouping:
                     break
-                prefer_own_trials(pending, trained_by, i)
+                prefer_own_trials(pending, trained_by, i, job_costs() if costliest_first else None)
                 job = take_job(pending, pack, trained, key_of, idle=len(idle) - idle.index(i))
                 worker = pool[i]
                 if worker is None:
@@ -403,6 +470,7 @@ def run_trials(
                 continue
             if "keys" in message:
                 keys.update(message["keys"])
+                costs.update(message.get("costs") or {})
                 for trial_id in message["keys"]:
                     asked.pop(trial_id, None)
                 continue

@@ -242,21 +242,23 @@ def main() -> int:
 
 
 def answer_keys(trials: list[dict], results) -> None:
-    """{"keys": {id: packing key or null}} for the study's trials (experiment.study).
-    A trial whose key cannot be worked out (a bug, a task that fails to import) gets
-    null: it runs alone, and its own run reports the error."""
+    """{"keys": {id: packing key or null}, "costs": {id: training cost or null}} for the
+    study's trials (experiment.study). A trial whose key cannot be worked out (a bug,
+    a task that fails to import) gets null: it runs alone, and its own run reports the
+    error."""
     from pathlib import Path
 
-    from experiment.study import Trial, group_key
+    from experiment.study import Trial, group_key, training_cost
 
-    keys = {}
+    keys, costs = {}, {}
     for t in trials:
+        trial = Trial(t["id"], t["task"], t["options"], Path())
         try:
-            keys[t["id"]] = group_key(Trial(t["id"], t["task"], t["options"], Path()))
+            keys[t["id"]], costs[t["id"]] = group_key(trial), training_cost(trial)
         except Exception:
             traceback.print_exc()  # to the worker's log
-            keys[t["id"]] = None
-    results.write(json.dumps({"keys": keys}) + "\n")
+            keys[t["id"]], costs[t["id"]] = None, None
+    results.write(json.dumps({"keys": keys, "costs": costs}) + "\n")
     results.flush()
 
 

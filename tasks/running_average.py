@@ -108,6 +108,20 @@ def ignored_options(cfg: Config) -> set[str]:
     return set() if cfg.cell == "rnn" else {"activation"}
 
 
+# A recurrent layer's gate products per step: each (input + hidden) x hidden.
+_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
+
+def training_cost(cfg: Config) -> float:
+    """About how much computation the run's training is, in units comparable between
+    this task's configs (steps x sequences per step x their length x the recurrent
+    layers' multiply-adds per element): a study starts its costliest trials first
+    (experiment.study)."""
+    inputs = [1] + [cfg.hidden_size] * (cfg.num_layers - 1)  # each layer's input size
+    per_step = sum(_GATES[cfg.cell] * (n + cfg.hidden_size) * cfg.hidden_size for n in inputs)
+    return float(cfg.steps * cfg.batch_size * cfg.num_seeds * cfg.seq_len * per_step)
+
+
 def training_problem(cfg: Config) -> tuple[Config, Problem]:
     """The training config and problem of the run's one `fit` (for training.packing)."""
     return cfg, make_problem(cfg)

@@ -684,6 +684,112 @@ def test_a_worker_finishes_the_trials_it_trained_then_takes_new_work():
     assert ids(pending) == ["x", "y"]
 
 
+def test_an_idle_worker_starts_the_costliest_new_job_first():
+    """With job costs, the costliest job not trained yet goes first (ties: the pending
+    order); a worker's own trained trials still come before any; an unknown cost
+    leaves the pending order as it is."""
+    from experiment import study
+
+    def ids(pending):
+        return [t.id for t in pending]
+
+    def trials(*names):
+        return [study.Trial(i, "t", {}, None) for i in names]
+
+    costs = {"a": 1.0, "b": 5.0, "c": 5.0, "d": 2.0, "mine": 0.5}
+
+    def cost(trial):
+        return costs.get(trial.id)
+
+    pending = trials("a", "b", "c", "d")
+    study.prefer_own_trials(pending, {}, 0, cost)
+    assert ids(pending) == ["b", "a", "c", "d"]  # the first of the two costliest
+    pending = trials("a", "b", "mine")
+    study.prefer_own_trials(pending, {"mine": 0}, 0, cost)
+    assert ids(pending)[0] == "mine"  # its own trained trial: its programs are compiled
+    pending = trials("other", "a", "b")
+    study.prefer_own_trials(pending, {"other": 1}, 0, cost)
+    assert ids(pending)[0] == "b"  # new work before another worker's trained trials
+    pending = trials("a", "unknown", "b")
+    study.prefer_own_trials(pending, {}, 0, cost)
+    assert ids(pending) == ["a", "unknown", "b"]
+    pending = trials("a", "b")
+    study.prefer_own_trials(pending, {}, 0)  # no costs: the pending order
+    assert ids(pending) == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"cell": "rnn", "num_layers": "2"}, {"cell": "lstm", "num_layers": "2"},
+     {"cell": "gru", "num_layers": "3", "hidden_size": "8", "num_seeds": "2"}],
+)  # fmt: skip
+def test_running_average_cost_counts_the_recurrent_multiply_adds(options):
+    """training_cost = steps x sequences per step x steps per sequence x the entries of
+    the model's recurrent weight matrices (its input and hidden kernels, read from the
+    built model), so the 2-layer LSTM is estimated costliest of the sweep's cells."""
+    from flax import nnx
+
+    cfg = config(running_average, [f"--{k}={v}" for k, v in options.items()])
+    params = nnx.state(running_average.make_model(cfg, nnx.Rngs(0)), nnx.Param)
+    kernels = [
+        v.size for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
+        if jax.tree_util.keystr(path).split("'")[-2] in ("w_x", "w_h")
+    ]  # fmt: skip
+    assert len(kernels) == 2 * cfg.num_layers
+    expected = cfg.steps * cfg.batch_size * cfg.num_seeds * cfg.seq_len * sum(kernels)
+    assert running_average.training_cost(cfg) == expected
+
+
+@pytest.mark.parametrize("costliest_first, first_job", [(True, "lstm"), (False, "rnn")])
+def test_a_study_starts_the_costliest_group_first_when_asked(
+    tmp_path, monkeypatch, costliest_first, first_job
+):
+    """A grid of RNN trials then LSTM trials (one packed group each): with
+    costliest_first the LSTM group (the task's estimate: 4x the RNN's) starts first,
+    without it the order given."""
+    from experiment import study
+
+    monkeypatch.setattr(study, "Worker", ScriptedWorker)
+    ScriptedWorker.created, ScriptedWorker.held = [], []
+    trials = [study.Trial(f"{cell}{seed}", "running_average",
+                          {**tokens(RA), "cell": cell, "seed": str(seed)},
+                          tmp_path / f"{cell}{seed}")
+              for cell in ("rnn", "lstm") for seed in (0, 1)]  # fmt: skip
+    queue, jobs = list(trials), []
+
+    def more(idle):
+        chosen = list(queue)
+        queue.clear()
+        return chosen
+
+    study.run_trials(more, workers=1, pack=True, on_start=jobs.append,
+                     on_result=lambda result: None, worker_log=tmp_path / "w.log",
+                     costliest_first=costliest_first)  # fmt: skip
+    second = "rnn" if first_job == "lstm" else "lstm"
+    assert [[t.id for t in job] for job in jobs] == [
+        [f"{first_job}0", f"{first_job}1"],
+        [f"{second}0", f"{second}1"],
+    ]
+
+
+def test_a_worker_answers_packing_keys_with_cost_estimates():
+    """experiment.worker.answer_keys: a key and a cost per trial; null for both where
+    the options are refused (that trial's own run reports why)."""
+    import io
+
+    from experiment import study, worker
+
+    out = io.StringIO()
+    asked = [dict(id="ok", task="running_average", options=tokens(RA)),
+             dict(id="bad", task="running_average", options={"hidden_size": "-3"})]  # fmt: skip
+    worker.answer_keys(asked, out)
+    answer = json.loads(out.getvalue())
+    trial = study.Trial("ok", "running_average", tokens(RA), None)
+    assert answer["keys"] == {"ok": study.group_key(trial), "bad": None}
+    assert answer["costs"] == {"ok": study.training_cost(trial), "bad": None}
+    assert answer["costs"]["ok"] > 0
+
+
 @pytest.mark.parametrize("arriving, started", [(3, [0, 1]), (1, [0])])
 def test_workers_start_as_trials_arrive_before_they_are_grouped(
     tmp_path, monkeypatch, arriving, started
