@@ -23,6 +23,9 @@ every round's wall time and every round's speed-up over the `process` run of
 the same round: the shared 2-core machine's speed drifts by 10-40% over
 minutes, which a single round per mode attributes to whichever mode ran then.
 
+The executor modes start the costliest jobs first, as `sweep.py` does
+(`RNNAE_BENCH_GIVEN_ORDER=1`: in the grid's order instead, as before that order).
+
 Printed per mode: wall seconds, speed-up over `process`, the share of wall time
 spent training (each packed group's training counted once), and the largest
 relative difference of a trial's metric from its `process` run. The numbers go in
