@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import queue
 import shlex
@@ -132,10 +133,25 @@ def group_key(trial: Trial) -> str | None:
 
 def training_cost(trial: Trial) -> float | None:
     """The task's estimate of the trial's training computation (its optional
-    `training_cost(cfg)`, in units of its own); None without one."""
+    `training_cost(cfg)`, in units of its own); None without one. Only an order
+    depends on it: an estimate that fails or is not a finite number counts as none
+    (said in one line)."""
     found = _config_of(trial)
     estimate = None if found is None else getattr(found[0], "training_cost", None)
-    return None if estimate is None else float(estimate(found[1]))
+    if estimate is None:
+        return None
+    try:
+        value = float(estimate(found[1]))
+    except Exception as err:
+        value = math.nan
+        reason = f"{type(err).__name__}: {err}"
+    else:
+        reason = f"{value}"
+    if math.isfinite(value):
+        return value
+    print(f"note: {trial.task}.training_cost gave no cost for {trial.id} ({reason}); "
+          "its jobs keep their order", file=sys.stderr, flush=True)  # fmt: skip
+    return None
 
 
 def task_loaded_here(task: str) -> bool:

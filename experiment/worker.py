@@ -254,10 +254,15 @@ def answer_keys(trials: list[dict], results) -> None:
     for t in trials:
         trial = Trial(t["id"], t["task"], t["options"], Path())
         try:
-            keys[t["id"]], costs[t["id"]] = group_key(trial), training_cost(trial)
+            keys[t["id"]] = group_key(trial)
         except Exception:
             traceback.print_exc()  # to the worker's log
-            keys[t["id"]], costs[t["id"]] = None, None
+            keys[t["id"]] = None
+        try:  # only an order depends on it: a failure here leaves the key as it is
+            costs[t["id"]] = training_cost(trial)
+        except Exception:
+            traceback.print_exc()
+            costs[t["id"]] = None
     results.write(json.dumps({"keys": keys, "costs": costs}) + "\n")
     results.flush()
 

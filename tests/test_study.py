@@ -772,6 +772,25 @@ def test_a_study_starts_the_costliest_group_first_when_asked(
     ]
 
 
+@pytest.mark.parametrize("broken", ["raises", "nan", "inf"])
+def test_a_failing_cost_estimate_only_keeps_the_order(monkeypatch, capsys, broken):
+    """A task's training_cost that raises or gives a non-finite number counts as no
+    estimate (the jobs keep their order), said in one line; the key is unaffected."""
+    from experiment import study
+
+    def estimate(cfg):
+        if broken == "raises":
+            raise ZeroDivisionError("division by zero")
+        return float(broken)
+
+    monkeypatch.setattr(running_average, "training_cost", estimate)
+    trial = study.Trial("t0", "running_average", tokens(RA), None)
+    assert study.training_cost(trial) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "running_average.training_cost gave no cost for t0" in err
+    assert study.group_key(trial) is not None
+
+
 def test_a_worker_answers_packing_keys_with_cost_estimates():
     """experiment.worker.answer_keys: a key and a cost per trial; null for both where
     the options are refused (that trial's own run reports why)."""
