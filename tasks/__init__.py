@@ -4,6 +4,11 @@ Every task module exposes `Config` (a frozen dataclass of its options) and
 `run(cfg, run) -> dict`, which performs the experiment, writes its plots through
 `run` and returns the flat summary that becomes `summary.json`. Tasks that
 train call `training.loop.fit`; none re-implements the loop.
+
+Optional, for studies (experiment.study, training.packing): `training_problem`
+and `PACKABLE` (trials that differ only in these options train packed),
+`ignored_options(cfg)` and `packs(cfg)`, and `training_cost(cfg)` (an estimate of
+a config's training computation: a sweep starts its costliest jobs first).
 """
 
 from __future__ import annotations
