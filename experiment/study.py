@@ -142,11 +142,9 @@ def training_cost(trial: Trial) -> float | None:
         return None
     try:
         value = float(estimate(found[1]))
+        reason = str(value)
     except Exception as err:
-        value = math.nan
-        reason = f"{type(err).__name__}: {err}"
-    else:
-        reason = f"{value}"
+        value, reason = math.nan, f"{type(err).__name__}: {err}"
     if math.isfinite(value):
         return value
     print(f"note: {trial.task}.training_cost gave no cost for {trial.id} ({reason}); "
@@ -175,21 +173,26 @@ def take_job(
     pending, it is shared out among them (e.g. a grid of one group on 2 workers: two
     packed programs of half the trials each, side by side), instead of one worker
     training it while the others wait for its trials' runs."""
-    from training.config import MAX_REPLICAS
-
     first = pending.pop(0)
     key = key_of(first) if pack and first.id not in trained else None
     if key is None:
         return [first]
-    seeds = int(first.options.get("num_seeds", 1))
     group = [t for t in pending if t.id not in trained and key_of(t) == key]
-    limit = MAX_REPLICAS // seeds
+    limit = trials_per_job(first)
     if idle > 1 and len(group) == len(pending):  # nothing else for the other workers
         limit = min(limit, -(-(len(group) + 1) // idle))  # ceil: parts differ by one at most
     job = [first, *group[: max(limit, 1) - 1]]
     for trial in job[1:]:
         pending.remove(trial)
     return job
+
+
+def trials_per_job(trial: Trial) -> int:
+    """How many trials like `trial` one packed job takes: up to
+    training.config.MAX_REPLICAS replicas, each trial's num_seeds of them."""
+    from training.config import MAX_REPLICAS
+
+    return max(1, MAX_REPLICAS // int(trial.options.get("num_seeds", 1)))
 
 
 def prefer_own_trials(
@@ -213,8 +216,9 @@ def prefer_own_trials(
     new = [i for i, t in enumerate(pending) if t.id not in trained_by]
     if job_cost is not None and new and not own:
         costs = [job_cost(pending[i]) for i in new]
-        if None not in costs:
-            new = [new[costs.index(max(costs))]]  # type: ignore[type-var]
+        known = [c for c in costs if c is not None]
+        if len(known) == len(costs):
+            new = [new[known.index(max(known))]]
     first = (own or new or [0])[0]
     pending.insert(0, pending.pop(first))
 
@@ -369,8 +373,6 @@ def run_trials(
     costliest_first: new jobs start in the order of their estimated training cost
     (`training_cost`, times the trials packed together), where the task estimates
     every pending trial's; else in the order `more` gives them (e.g. the report's)."""
-    from training.config import MAX_REPLICAS
-
     events: queue.Queue = queue.Queue()
     pool: list[Worker | None] = [None] * workers
     pending: list[Trial] = []
@@ -393,7 +395,7 @@ def run_trials(
 
     def job_costs() -> Callable[[Trial], float | None]:
         """A new trial's job's estimated cost: its own times the pending trials it
-        would pack with (take_job's group, up to MAX_REPLICAS replicas)."""
+        would pack with (take_job's group, up to trials_per_job)."""
         counts: dict[str, int] = {}
         for t in pending:
             key = key_of(t) if pack and t.id not in trained else None
@@ -405,8 +407,7 @@ def run_trials(
             key = key_of(trial) if pack else None
             if cost is None or key is None:
                 return cost
-            limit = max(1, MAX_REPLICAS // int(trial.options.get("num_seeds", 1)))
-            return cost * min(counts[key], limit)
+            return cost * min(counts[key], trials_per_job(trial))
 
         return job_cost
 
